@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from training.lesions import insert_lesions
 
@@ -130,18 +131,8 @@ def _smooth_field(rng, shape, scale_vox, amplitude):
 
 
 def _gaussian(volume: np.ndarray, sigma_vox) -> np.ndarray:
-    """Separable Gaussian blur with one sigma (in voxels) per axis, on torch for speed."""
-    out = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
-    for axis, sigma in enumerate(sigma_vox):
-        if sigma < 0.2:
-            continue
-        radius = max(int(2.5 * sigma + 0.5), 1)
-        kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
-        moved = out.movedim(axis, -1)
-        shape = moved.shape
-        flat = torch.nn.functional.pad(moved.reshape(-1, 1, shape[-1]), (radius, radius), mode="replicate")
-        out = torch.nn.functional.conv1d(flat, (kernel / kernel.sum()).view(1, 1, -1)).reshape(shape).movedim(-1, axis)
-    return out.contiguous().numpy()
+    """Gaussian blur with one sigma (in voxels) per axis."""
+    return ndimage.gaussian_filter(np.asarray(volume, np.float32), sigma_vox, truncate=2.5)
 
 
 def _tree(rng, root, targets, radius, canvas, value, alphas, airway=False):
@@ -232,14 +223,21 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
     # Lungs: the cavity above the domes, narrowing to the apices, minus the mediastinum.
     apex_scale = np.sqrt(np.clip((z_apex - z) / 70, 0.02, 1))
     lung_space = _ellipse(canvas, 0, cy + 3, cav_ax * apex_scale, cav_ay * apex_scale, 2.3) * (1 - below)
-    med_base = u(22, 32)
-    med_half = med_base + 18 * np.clip((cy - y) / cav_ay + 0.3, 0, 1) * np.clip((z_base + 110 - z) / 60, 0, 1)
-    mediastinum = np.clip(0.5 + (med_half - np.abs(x - 8 * np.clip((cy - y) / cav_ay, 0, 1))) / COARSE_MM, 0, 1)
+    # The heart (anterior, left of centre, resting on the diaphragm) bulges into the left lung.
+    hz, hx, hy = z_base + dome_h * 0.6 + u(25, 40), u(15, 35), cy - cav_ay * u(0.15, 0.35)
+    heart_r = np.array([u(45, 60), u(45, 60), u(60, 75)])  # z, y, x
+    heart = np.clip(1 - ((z - hz) / heart_r[0]) ** 2 - ((y - hy) / heart_r[1]) ** 2 - ((x - hx) / heart_r[2]) ** 2, 0, 1)
+    heart_zone = np.clip(1 - ((z - hz) / (heart_r[0] + 6)) ** 2 - ((y - hy) / (heart_r[1] + 6)) ** 2
+                         - ((x - hx) / (heart_r[2] + 6)) ** 2, 0, 1) > 0
+    med_base = u(15, 24)
+    med_half = med_base + 10 * np.clip((cy - y) / cav_ay + 0.3, 0, 1)
+    mediastinum = np.maximum(np.clip(0.5 + (med_half - np.abs(x - 6 * np.clip((cy - y) / cav_ay, 0, 1))) / COARSE_MM, 0, 1),
+                             heart_zone)
     spine_y = cy + cav_ay - u(25, 35)
     spine_zone = _ellipse(canvas, 0, spine_y, 32, 30)
     lungs = lung_space * (1 - mediastinum) * (1 - spine_zone)
     parenchyma = -860 + u(-30, 30) + 70 * np.clip((y - cy) / cav_ay, 0, 1) ** 3  # gravity-dependent density
-    parenchyma = parenchyma + _smooth_field(rng, canvas.hu.shape, 4, u(8, 20))
+    parenchyma = parenchyma + _smooth_field(rng, canvas.hu.shape, 4, u(4, 10))
     canvas.paint(lungs, parenchyma)
     canvas.paint(lung_space * mediastinum * (1 - below), -80.0)  # mediastinal fat
 
@@ -254,9 +252,6 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
 
     # Heart, aorta, pulmonary trunk; contrast phase brightens the blood.
     blood = u(180, 320) if contrast else 40.0
-    hz, hx, hy = z_base + dome_h * 0.6 + u(25, 40), u(10, 30), cy - cav_ay * 0.25
-    heart_r = (u(45, 60), u(45, 55), u(55, 70))  # z, y, x
-    heart = np.clip(1 - ((z - hz) / heart_r[0]) ** 2 - ((y - hy) / heart_r[1]) ** 2 - ((x - hx) / heart_r[2]) ** 2, 0, 1)
     canvas.paint(np.clip(heart * 12, 0, 1), -90.0)  # pericardial fat
     canvas.paint(np.clip(heart * 12 - 1.5, 0, 1), 45.0)
     canvas.paint(np.clip(heart * 12 - 4, 0, 1), blood)
@@ -291,7 +286,7 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
         if len(side_points) < 50:
             continue
         hilum = np.array([hilum_z, cy - 10, side * (med_base + 6)], np.float32)
-        for offset, hu_value, radius in ((np.array([3, -6, 0]), artery_hu, 8.0), (np.array([-18, 4, 0]), vein_hu, 7.0)):
+        for offset, hu_value, radius in ((np.array([3, -6, 0]), artery_hu, 6.0), (np.array([-18, 4, 0]), vein_hu, 5.5)):
             targets = side_points[rng.choice(len(side_points), size=int(u(700, 1100)), replace=False)]
             _tree(rng, hilum + offset, targets, radius, canvas, hu_value, vessel_alphas)
         bronchus_root = np.array([carina[0] - 8, carina[1] + 5, side * med_base], np.float32)
