@@ -5,7 +5,8 @@
   Smaller truth lesions are neither missed nor false positives when found.
 - Detected: some predicted instance reaches Dice >= 0.1 with the lesion ("any overlap" is reported too).
 - False positive: a predicted instance that touches no truth lesion at all.
-- Case Dice: all predicted voxels against all truth voxels (1.0 when both are empty).
+- Case Dice: all predicted voxels against all truth voxels (1.0 when both are empty); pooled Dice likewise
+  over all voxels of the set; the mean case Dice is taken over cases with truth lesions.
 - Lesion-wise Dice: mean over detected measurable lesions of the Dice with their best instance.
 - FROC over instance scores; CPM = mean sensitivity at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP per scan.
 
@@ -167,13 +168,18 @@ def froc_curve(results: list[CaseResult]) -> dict:
     return {"thresholds": thresholds.tolist(), "fp_per_scan": fps.tolist(), "sensitivity": sensitivity}
 
 
-def cpm(curve: dict, fp_rates=CPM_FP_RATES) -> tuple[float, list[float]]:
-    """Competition performance metric: mean interpolated sensitivity at `fp_rates` (see the module notes)."""
+def interpolated_sensitivity(curve: dict, fp_rates) -> np.ndarray:
+    """Sensitivity at the given FP-per-scan rates, interpolated as described in the module notes."""
     fps = np.concatenate([[0.0], curve["fp_per_scan"]])
     sensitivity = np.concatenate([[0.0], curve["sensitivity"]])
     rates = np.unique(fps)
     best = np.array([sensitivity[fps == rate].max() for rate in rates])
-    at_rates = np.interp(fp_rates, rates, best)
+    return np.interp(fp_rates, rates, best)
+
+
+def cpm(curve: dict, fp_rates=CPM_FP_RATES) -> tuple[float, list[float]]:
+    """Competition performance metric: mean interpolated sensitivity at `fp_rates`."""
+    at_rates = interpolated_sensitivity(curve, fp_rates)
     return float(at_rates.mean()), at_rates.tolist()
 
 
@@ -225,11 +231,12 @@ def plot_froc(summary_or_curves: dict, path) -> None:
 
     curves = {"": summary_or_curves} if "froc" in summary_or_curves else summary_or_curves
     figure, axes = plt.subplots(figsize=(6, 4.5))
+    rates_axis = np.geomspace(1 / 16, 16, 400)
     for name, summary in curves.items():
         if summary["cpm"] is None:  # no measurable lesions: no curve
             continue
-        fps, sensitivity = summary["froc"]["fp_per_scan"], summary["froc"]["sensitivity"]
-        line, = axes.plot(fps, sensitivity, label=f"{name} (CPM {summary['cpm']:.3f})".strip())
+        # Draw the interpolated curve the CPM is read from, so the markers lie on it.
+        line, = axes.plot(rates_axis, interpolated_sensitivity(summary["froc"], rates_axis), label=f"{name} (CPM {summary['cpm']:.3f})".strip())
         rates = [float(rate) for rate in summary["cpm_sensitivities"]]
         axes.plot(rates, list(summary["cpm_sensitivities"].values()), "o", color=line.get_color(), markersize=4)
     axes.set_xscale("log")
