@@ -1,0 +1,297 @@
+"""Synthetic lung lesions and their insertion into a chest CT background.
+
+Each lesion is an implicit shape in millimetres around its centre (signed distance d < 0
+inside), drawn only inside its own bounding box. The fraction of each voxel it covers is a
+linear ramp of d over the voxel's extent along the shape normal (partial volume); label =
+voxels at least half covered. Its HU contribution alpha * (lesion HU - background) is blurred
+by the scanner PSF and, for real backgrounds, given noise of the scanner's SD, so the lesion
+looks acquired by that scanner.
+
+Kinds (HU before blur/noise):
+  solid         smooth round/ovoid, 10-50 HU + texture
+  lobulated     union of 3-6 blobs, 10-50 HU
+  spiculated    round core with 6-20 tapering spicules, 10-50 HU
+  part_solid    ground-glass (-650..-350 HU) around a solid core
+  ggo           pure ground glass, -600..-300 HU
+  cavitating    thick soft-tissue wall around an eccentric air cavity (-1000 HU)
+  juxtapleural  solid/lobulated, flattened against the chest wall (clipped to the lung)
+  juxtavascular solid/lobulated/spiculated, touching a lung vessel (lung voxel > -300 HU)
+  perihilar     solid/lobulated/spiculated at the medial lung border at hilum height
+  node          mediastinal lymph node: 20-60 HU ovoid in the mediastinum beside a lung
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+KIND_WEIGHTS = {
+    "solid": 0.17, "lobulated": 0.12, "spiculated": 0.11, "part_solid": 0.08, "ggo": 0.06,
+    "cavitating": 0.06, "juxtapleural": 0.14, "juxtavascular": 0.12, "perihilar": 0.07, "node": 0.07,
+}
+SIZE_LIMITS_MM = {"ggo": (5, 30), "part_solid": (8, 40), "cavitating": (12, 60), "spiculated": (6, 40),
+                  "perihilar": (10, 60), "node": (8, 35)}
+PLACEMENT_TRIES = 40
+VESSEL_HU = -300.0
+AIR_HU = -1000.0
+_CUBE = np.array([(z, y, x) for z in (-1, 0, 1) for y in (-1, 0, 1) for x in (-1, 0, 1)], float)
+SPHERE_POINTS = _CUBE / np.maximum(np.linalg.norm(_CUBE, axis=1, keepdims=True), 1)  # 26 directions and the centre
+
+
+def insert_lesions(hu: np.ndarray, spacing, lungs: np.ndarray, mediastinum: np.ndarray | None,
+                   rng: np.random.Generator, count: int, blur_sigma_mm=0.0, noise_sd_hu: float = 0.0,
+                   size_range_mm=(3, 60)):
+    """Insert up to `count` non-overlapping lesions into a copy of `hu` ([z, y, x] float, spacing (z, y, x) mm).
+
+    Returns (hu with lesions float32, int16 instance labels 1..n, one dict per lesion). Fewer than
+    `count` lesions are inserted where no place is found for them.
+    """
+    hu = np.array(hu, dtype=np.float32)
+    labels = np.zeros(hu.shape, np.int16)
+    scene = _Scene(hu, np.asarray(spacing, float), lungs, mediastinum,
+                   np.broadcast_to(np.asarray(blur_sigma_mm, float), (3,)), float(noise_sd_hu), rng)
+    kinds = [k for k in KIND_WEIGHTS if mediastinum is not None or k != "node"]
+    weights = np.array([KIND_WEIGHTS[k] for k in kinds])
+    lesions = []
+    for _ in range(count):
+        kind = str(rng.choice(kinds, p=weights / weights.sum()))
+        low, high = SIZE_LIMITS_MM.get(kind, size_range_mm)
+        low, high = max(low, size_range_mm[0]), min(high, size_range_mm[1])
+        diameter = float(np.exp(rng.uniform(np.log(low), np.log(max(low, high)))))  # log-uniform: more small ones
+        lesion = scene.place(kind, diameter, labels, len(lesions) + 1)
+        if lesion is not None:
+            lesions.append(lesion)
+    return hu, labels, lesions
+
+
+def _rotation(rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _unit(rng, n=None) -> np.ndarray:
+    v = rng.standard_normal((3,) if n is None else (n, 3))
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+class _Shape:
+    """Signed distance (mm, approximate) of a random lesion shape around the origin, in a random frame."""
+
+    def __init__(self, rng, radius: float, form: str, elongation: float = 0.15):
+        self.radius = radius
+        scales = 1 + rng.uniform(-elongation, elongation, 3)
+        self.frame = (_rotation(rng) * scales[:, None]).astype(np.float32)
+        self.harmonics = [(rng.uniform(0.02, 0.08), rng.uniform(1, 4), _unit(rng), rng.uniform(0, 2 * np.pi))
+                          for _ in range(4)]
+        self.blobs = [(np.zeros(3), radius)]
+        self.spikes = []
+        if form == "lobulated":
+            for _ in range(rng.integers(2, 6)):
+                self.blobs.append((_unit(rng) * radius * rng.uniform(0.35, 0.7), radius * rng.uniform(0.4, 0.7)))
+        if form == "spiculated":
+            self.blobs[0] = (np.zeros(3), radius * 0.8)
+            for _ in range(rng.integers(6, 15)):
+                self.spikes.append((_unit(rng), radius * rng.uniform(1.1, 1.8), max(0.6, radius * rng.uniform(0.12, 0.25))))
+        ripple = 1 + sum(h[0] for h in self.harmonics)
+        reach = max([(np.linalg.norm(c) + r) * ripple for c, r in self.blobs] + [length for _, length, _ in self.spikes])
+        self.extent = float(reach / scales.min())  # radius (mm) of a sphere containing the shape
+
+    def distance(self, offsets) -> np.ndarray:
+        """offsets: broadcastable (z, y, x) arrays in mm from the centre -> signed distance, negative inside."""
+        q = [sum(f * o for f, o in zip(row, offsets)) for row in self.frame]
+        norm = np.sqrt(sum(c * c for c in q)) + 1e-6
+        ripple = sum(a * np.cos(f * np.pi * sum(ax * c for ax, c in zip(axis, q)) / norm + phase)
+                     for a, f, axis, phase in self.harmonics)
+        d = None
+        for centre, r in self.blobs:
+            blob = np.sqrt(sum((c - x0) ** 2 for c, x0 in zip(q, centre))) - r * (1 + ripple)
+            d = blob if d is None else np.minimum(d, blob)
+        for direction, length, r in self.spikes:
+            t = np.clip(sum(u * c for u, c in zip(direction, q)), 0, length)
+            along = np.sqrt(sum((c - t * u) ** 2 for c, u in zip(q, direction)))
+            d = np.minimum(d, along - r * (1 - t / length))
+        return d
+
+
+class _Scene:
+    """A background volume with its masks; places and draws one lesion at a time."""
+
+    def __init__(self, hu, spacing, lungs, mediastinum, blur_mm, noise_sd, rng):
+        self.hu, self.spacing, self.lungs, self.mediastinum = hu, spacing, lungs, mediastinum
+        self.blur_mm, self.noise_sd, self.rng = blur_mm, noise_sd, rng
+        self.original = hu.copy()  # vessel look-up unaffected by lesions already drawn
+        zz, yy, xx = np.nonzero(lungs[:, ::4, ::4])
+        self.lung_points = np.stack([zz, yy * 4, xx * 4], 1)
+        self.lung_z = (zz.min(), zz.max()) if len(zz) else (0, 0)
+        self.midline_x = float(xx.mean() * 4) if len(xx) else hu.shape[2] / 2
+
+    # --- placement -------------------------------------------------------------------------
+    def place(self, kind: str, diameter: float, labels: np.ndarray, index: int) -> dict | None:
+        if len(self.lung_points) == 0:
+            return None
+        rng = self.rng
+        for attempt in range(PLACEMENT_TRIES):
+            size = diameter * (0.85 ** (attempt // 10))  # shrink when there is no room
+            form = kind if kind in ("lobulated", "spiculated") else "solid"
+            if kind in ("juxtapleural", "juxtavascular", "perihilar"):
+                form = str(rng.choice(["solid", "lobulated", "spiculated"] if kind != "juxtapleural" else ["solid", "lobulated"]))
+            shape = _Shape(rng, size / 2, form, elongation=0.3 if kind == "node" else 0.15)
+            centre = self._centre(kind, shape.radius)
+            if centre is None or not self._may_fit(kind, centre, shape.radius, labels):
+                continue
+            drawn = self._render(shape, centre, kind, labels)
+            if drawn is not None:
+                box, alpha, region = drawn
+                self._blend(box, alpha, self._lesion_hu(kind, shape, box, centre))
+                label = (alpha >= 0.5) & region
+                labels[box][label] = index
+                zz, yy, xx = np.nonzero(label)
+                extent_mm = (np.ptp(np.stack([zz, yy, xx], 1), 0) + 1) * self.spacing
+                return {"label": index, "kind": kind, "shape": form, "diameter_mm": round(size, 2),
+                        "extent_zyx_mm": [round(float(e), 1) for e in extent_mm],
+                        "centre_zyx": [int(c) for c in centre], "voxels": int(label.sum())}
+        return None
+
+    def _random_lung_point(self) -> np.ndarray:
+        point = self.lung_points[self.rng.integers(len(self.lung_points))]
+        return point + np.r_[0, self.rng.integers(0, 4, 2)]
+
+    def _centre(self, kind: str, radius: float) -> np.ndarray | None:
+        """A candidate centre (voxel, integer z, y, x) for a lesion of this kind, or None."""
+        rng, sp = self.rng, self.spacing
+        if kind == "juxtapleural":
+            start = self._random_lung_point()
+            outward = np.r_[rng.uniform(-0.3, 0.3), rng.uniform(-1, 1), np.sign(start[2] - self.midline_x) or 1.0]
+            edge = self._march(start, outward / np.linalg.norm(outward), self.lungs)
+            if edge is None or self.original[tuple(edge)] < -300:  # must end at the chest wall
+                return None
+            return np.rint(edge - outward / np.linalg.norm(outward) * radius * rng.uniform(0.3, 0.7) / sp).astype(int)
+        if kind == "juxtavascular":
+            for _ in range(50):
+                point = self._random_lung_point()
+                if self.lungs[tuple(point)] and self.original[tuple(point)] > VESSEL_HU:
+                    return np.rint(point + _unit(rng) * radius * 0.95 / sp).astype(int)
+            return None
+        if kind in ("perihilar", "node"):
+            z0, z1 = self.lung_z
+            z = int(z0 + (z1 - z0) * rng.uniform(0.45, 0.7))
+            ys = np.nonzero(self.lungs[z].any(1))[0]
+            if len(ys) == 0:
+                return None
+            y = int(rng.integers(ys.min() + (ys.max() - ys.min()) // 4, ys.max() - (ys.max() - ys.min()) // 4 + 1))
+            side = rng.choice([-1, 1])
+            xs = np.nonzero(self.lungs[z, y])[0]
+            xs = xs[np.sign(xs - self.midline_x) == side]
+            if len(xs) == 0:
+                return None
+            medial = xs[np.argmin(np.abs(xs - self.midline_x))]
+            shift = radius * (0.8 if kind == "perihilar" else -1.1) / sp[2]
+            return np.array([z, y, int(round(medial + side * shift))])
+        return self._random_lung_point()
+
+    def _may_fit(self, kind: str, centre, radius: float, labels: np.ndarray) -> bool:
+        """Cheap test before drawing: free of other lesions, and inside its region at a few points."""
+        points = np.rint(centre + SPHERE_POINTS * 0.7 * radius / self.spacing).astype(int)
+        if np.any(points < 0) or np.any(points >= self.hu.shape):
+            return False
+        index = tuple(points.T)
+        if labels[index].any():
+            return False
+        if kind == "node":
+            return bool(self.mediastinum[tuple(centre)])
+        if kind in ("juxtapleural", "perihilar"):
+            return bool(self.lungs[tuple(centre)])
+        return bool(self.lungs[index].all())
+
+    def _march(self, start, direction, mask, step_mm=1.0, max_mm=200.0):
+        """First voxel outside `mask` along a ray from `start` (voxel) in a direction given in mm."""
+        step = direction * step_mm / self.spacing
+        for i in range(1, int(max_mm / step_mm)):
+            voxel = np.rint(start + i * step).astype(int)
+            if np.any(voxel < 0) or np.any(voxel >= self.hu.shape):
+                return None
+            if not mask[tuple(voxel)]:
+                return voxel
+        return None
+
+    # --- drawing -----------------------------------------------------------------------------
+    def _render(self, shape: _Shape, centre, kind: str, labels: np.ndarray):
+        """(box, coverage alpha, region mask) if the lesion fits at centre, else None."""
+        margin = shape.extent + 3 * self.blur_mm.max() + 2 * self.spacing.max()
+        half = np.ceil(margin / self.spacing).astype(int)
+        lo, hi = centre - half, centre + half + 1
+        if np.any(centre - np.ceil(shape.extent / self.spacing) < 0) or np.any(centre + np.ceil(shape.extent / self.spacing) >= self.hu.shape):
+            return None
+        lo, hi = np.maximum(lo, 0), np.minimum(hi, self.hu.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        offsets = np.meshgrid(*[((np.arange(a, b) - c) * s).astype(np.float32)
+                                for a, b, c, s in zip(lo, hi, centre, self.spacing)], indexing="ij", sparse=True)
+        d = shape.distance(offsets)
+        # partial volume: the voxel's extent along the (radial) normal is sum |n_i| * spacing_i
+        width = sum(np.abs(o) * s for o, s in zip(offsets, self.spacing)) / (np.sqrt(sum(o * o for o in offsets)) + 1e-3)
+        alpha = np.clip(0.5 - d / np.maximum(width, self.spacing.min()), 0, 1).astype(np.float32)
+        inside = alpha >= 0.5
+        if not inside.any():
+            return None
+        if kind == "node":
+            region = self.mediastinum[box]
+            if (inside & ~region).sum() > 0.1 * inside.sum() or self.original[box][inside].mean() > 80:
+                return None
+        else:
+            region = self.lungs[box]
+            allowed_outside = 0.4 if kind in ("juxtapleural", "perihilar") else 0.02
+            if (inside & ~region).sum() > allowed_outside * inside.sum():
+                return None
+            if kind == "juxtavascular" and not self._touches_vessel(box, inside):
+                return None
+        if kind in ("juxtapleural", "perihilar", "node"):
+            alpha = alpha * region  # flattened against the pleura / kept in the mediastinum
+        near = ndimage.binary_dilation(alpha >= 0.5, iterations=2)
+        if (labels[box][near] > 0).any() or not (alpha >= 0.5).any():
+            return None
+        return box, alpha, region
+
+    def _touches_vessel(self, box, inside: np.ndarray) -> bool:
+        shell = ndimage.binary_dilation(inside, iterations=2) & ~inside
+        return bool(((self.original[box] > VESSEL_HU) & self.lungs[box] & shell).any())
+
+    def _texture(self, shape, sd: float, scale_mm: float) -> np.ndarray:
+        field = ndimage.gaussian_filter(self.rng.standard_normal(shape).astype(np.float32), scale_mm / self.spacing)
+        return field * (sd / (field.std() + 1e-6))
+
+    def _lesion_hu(self, kind: str, shape: _Shape, box, centre) -> np.ndarray:
+        """Intended HU of the lesion at each voxel of its box (used where alpha > 0)."""
+        rng, u = self.rng, self.rng.uniform
+        box_shape = tuple(s.stop - s.start for s in box)
+        solid = u(10, 50) + self._texture(box_shape, u(6, 14), 1.5)
+        if kind == "node":
+            return u(25, 50) + self._texture(box_shape, 5, 2.0)
+        if kind in ("ggo", "part_solid"):
+            glass = u(-600, -350) + self._texture(box_shape, u(25, 50), 1.5)
+            if kind == "ggo":
+                return glass
+            core = self._inner(shape, box, centre, u(0.3, 0.6))
+            return glass + (solid - glass) * core
+        if kind == "cavitating":
+            cavity = self._inner(shape, box, centre, u(0.35, 0.65))
+            return solid + (AIR_HU - solid) * cavity
+        return solid
+
+    def _inner(self, shape: _Shape, box, centre, fraction: float) -> np.ndarray:
+        """Coverage of an eccentric inner sphere (a solid core or a cavity) of `fraction` x the radius."""
+        rng = self.rng
+        offset = _unit(rng) * shape.radius * (1 - fraction) * rng.uniform(0, 0.6)
+        offsets = [(np.arange(s.start, s.stop) - c) * sp - o for s, c, sp, o in zip(box, centre, self.spacing, offset)]
+        r = np.sqrt(sum(np.square(a) for a in np.meshgrid(*offsets, indexing="ij", sparse=True)))
+        return np.clip(0.5 + (shape.radius * fraction - r) / self.spacing.mean(), 0, 1).astype(np.float32)
+
+    def _blend(self, box, alpha: np.ndarray, lesion_hu: np.ndarray) -> None:
+        background = self.hu[box]
+        contribution = alpha * (lesion_hu - background)
+        if self.blur_mm.max() > 0:
+            contribution = ndimage.gaussian_filter(contribution, self.blur_mm / self.spacing)
+            alpha = np.clip(ndimage.gaussian_filter(alpha, self.blur_mm / self.spacing), 0, 1)
+        if self.noise_sd > 0:  # restore the background SD where the lesion replaced it
+            noise = self._texture(alpha.shape, self.noise_sd, max(self.blur_mm[1], 0.3))
+            contribution += noise * np.sqrt(1 - (1 - alpha) ** 2)
+        self.hu[box] = background + contribution
