@@ -2,7 +2,7 @@
 
 Plain functions:
 - `lesion_records(source_datasets, instance_labels, scores, hu, spacing)`: per-lesion measurements.
-- `write_lesion_seg(source_datasets, instance_labels, records, out_path)`: the SEG (highdicom, BINARY).
+- `build_lesion_seg(source_datasets, instance_labels, records, ...)`: the SEG dataset (highdicom, BINARY).
 - `write_lesion_outputs(...)`: both into an output folder (`seg.dcm`, `lesions.json`).
 
 `source_datasets` are the CT slices in the volume's z order (slice k of every array is
@@ -52,7 +52,11 @@ def _voxel_to_patient(source_datasets: Sequence[Dataset]) -> Callable[[np.ndarra
     row_dir, col_dir = orientation[:3], orientation[3:]  # along a row (x grows), along a column (y grows)
     dy, dx = (float(v) for v in first.PixelSpacing)
     origins = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in source_datasets])
-    return lambda zyx: origins[zyx[:, 0].astype(int)] + np.outer(zyx[:, 2] * dx, row_dir) + np.outer(zyx[:, 1] * dy, col_dir)
+
+    def to_patient(zyx: np.ndarray) -> np.ndarray:
+        return origins[zyx[:, 0].astype(int)] + np.outer(zyx[:, 2] * dx, row_dir) + np.outer(zyx[:, 1] * dy, col_dir)
+
+    return to_patient
 
 
 def lesion_records(source_datasets: Sequence[Dataset], instance_labels: np.ndarray, scores: Sequence[float],
@@ -110,7 +114,7 @@ def _segment_description(record: dict, algorithm: hd.AlgorithmIdentificationSequ
         algorithm_identification=algorithm,
         tracking_uid=record["tracking_uid"],
         tracking_id=record["tracking_id"],
-        anatomic_regions=[codes.SCT.Lung],
+        anatomic_regions=[codes.SCT.Thorax],  # lung, hilum or mediastinum: the finer location comes with the SR
     )
 
 
@@ -130,7 +134,7 @@ def build_lesion_seg(source_datasets: Sequence[Dataset], instance_labels: np.nda
     """A BINARY SEG on the source grid with one segment per record (frame k refers to source slice k)."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, version=algorithm_version, family=codes.DCM.ArtificialIntelligence)
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=[_with_type2_attributes(source_datasets[0]), *source_datasets[1:]],
         pixel_array=instance_labels.astype(np.uint16, copy=False),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -147,7 +151,6 @@ def build_lesion_seg(source_datasets: Sequence[Dataset], instance_labels: np.nda
         content_label="LESIONS",
         content_description="Lung cancer lesions, one segment per lesion",
     )
-    return seg
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

@@ -104,7 +104,8 @@ ELLIPSOID = Lesion((30, 33.6, 30.8), (10, 5, 4), -20.0)
 SMALL = Lesion((36, 9.6, 40), (2, 2, 2), 60.0)
 VARIANTS = {  # (make_series arguments, source order); slice steps divide the lesions' table offsets
     "ascending_signed": (dict(), "ascending"),
-    "descending_unsigned": (dict(signed=False, pixel_mm=(0.7, 0.75), table_step_mm=1.5, shape=(32, 72, 72)), "descending"),
+    "descending_unsigned": (dict(signed=False, pixel_mm=(0.7, 0.75), table_step_mm=1.5, shape=(32, 72, 72)),
+                            "descending"),
     "shuffled_tilted": (dict(tilt_deg=20.0, table_step_mm=3.0, shape=(17, 64, 64)), "shuffled"),
     "missing_attributes": (dict(drop=("PatientName", "StudyID", "AccessionNumber", "PatientBirthDate",
                                       "PatientSex", "ReferringPhysicianName", "StudyTime")), "ascending"),
