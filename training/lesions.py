@@ -40,9 +40,12 @@ SPHERE_POINTS = _CUBE / np.maximum(np.linalg.norm(_CUBE, axis=1, keepdims=True),
 
 def insert_lesions(hu: np.ndarray, spacing, lungs: np.ndarray, mediastinum: np.ndarray | None,
                    rng: np.random.Generator, count: int, blur_sigma_mm=0.0, noise_sd_hu: float = 0.0,
-                   size_range_mm=(3, 60)):
+                   size_range_mm=(3, 60), kinds=None):
     """Insert up to `count` non-overlapping lesions into a copy of `hu` ([z, y, x] float, spacing (z, y, x) mm).
 
+    `lungs` and `mediastinum` are bool masks (no mediastinum: no nodes); `kinds` restricts the kinds
+    drawn (default: all, weighted by KIND_WEIGHTS). blur_sigma_mm is the scanner PSF (a float or
+    (z, y, x)); noise_sd_hu > 0 adds noise of that SD where the lesion replaces the background.
     Returns (hu with lesions float32, int16 instance labels 1..n, one dict per lesion). Fewer than
     `count` lesions are inserted where no place is found for them.
     """
@@ -50,14 +53,15 @@ def insert_lesions(hu: np.ndarray, spacing, lungs: np.ndarray, mediastinum: np.n
     labels = np.zeros(hu.shape, np.int16)
     scene = _Scene(hu, np.asarray(spacing, float), lungs, mediastinum,
                    np.broadcast_to(np.asarray(blur_sigma_mm, float), (3,)), float(noise_sd_hu), rng)
-    kinds = [k for k in KIND_WEIGHTS if mediastinum is not None or k != "node"]
+    kinds = [k for k in (kinds or KIND_WEIGHTS) if mediastinum is not None or k != "node"]
     weights = np.array([KIND_WEIGHTS[k] for k in kinds])
     lesions = []
     for _ in range(count):
         kind = str(rng.choice(kinds, p=weights / weights.sum()))
         low, high = SIZE_LIMITS_MM.get(kind, size_range_mm)
-        low, high = max(low, size_range_mm[0]), min(high, size_range_mm[1])
-        diameter = float(np.exp(rng.uniform(np.log(low), np.log(max(low, high)))))  # log-uniform: more small ones
+        low = min(max(low, size_range_mm[0]), size_range_mm[1])
+        high = max(min(high, size_range_mm[1]), low)
+        diameter = float(np.exp(rng.uniform(np.log(low), np.log(high))))  # log-uniform: more small ones
         lesion = scene.place(kind, diameter, labels, len(lesions) + 1)
         if lesion is not None:
             lesions.append(lesion)
@@ -295,3 +299,55 @@ class _Scene:
             noise = self._texture(alpha.shape, self.noise_sd, max(self.blur_mm[1], 0.3))
             contribution += noise * np.sqrt(1 - (1 - alpha) ** 2)
         self.hu[box] = background + contribution
+
+
+def estimate_noise_and_blur(hu: np.ndarray, spacing, lungs: np.ndarray, slices: int = 8):
+    """Rough scanner noise SD (HU) and PSF sigma (z, y, x) in mm of a CT volume, from a few thoracic slices.
+
+    Noise: the typical local SD over 7 x 7 pixel windows of homogeneous soft tissue (-150..150 HU).
+    Blur: the 10-90 % rise of the lateral skin edges (air to body), which for a Gaussian PSF is
+    2.56 sigma; the slice profile is taken as at least the spacing between slices (FWHM).
+    """
+    spacing = np.asarray(spacing, float)
+    rows = np.nonzero(lungs.any((1, 2)))[0]
+    zs = np.linspace(rows.min(), rows.max(), slices).astype(int) if len(rows) else np.linspace(0, len(hu) - 1, slices).astype(int)
+    stds, rises = [], []
+    for z in zs:
+        image = hu[z].astype(np.float64)
+        mean = ndimage.uniform_filter(image, 7)
+        sd = np.sqrt(np.maximum(ndimage.uniform_filter(image ** 2, 7) - mean ** 2, 0))
+        flat = ndimage.minimum_filter(image, 7) > -300  # the whole window is tissue
+        stds.append(sd[flat & (np.abs(mean) < 150)])
+        rises.extend(_edge_rises(image))
+    stds = np.concatenate(stds)
+    noise = float(np.median(stds)) if len(stds) else 0.0
+    sigma_xy = float(np.median(rises)) * spacing[2] / 2.563 if rises else 0.0
+    return noise, (float(max(spacing[0] / 2.355, sigma_xy)), sigma_xy, sigma_xy)
+
+
+def _edge_rises(image: np.ndarray) -> list[float]:
+    """10-90 % rise distances (pixels) of the first air-to-body crossing from each side of central body rows."""
+    body_rows = np.nonzero((image > -500).sum(1) > image.shape[1] // 5)[0]
+    rises = []
+    if len(body_rows) == 0:
+        return rises
+    for y in np.linspace(body_rows.min(), body_rows.max(), 40).astype(int)[8:-8]:
+        for profile in (image[y], image[y, ::-1]):
+            inside = np.nonzero(profile > -500)[0]
+            if len(inside) == 0 or inside[0] < 12:
+                continue
+            edge = profile[inside[0] - 10: inside[0] + 10]
+            low, high = np.median(edge[:4]), np.median(edge[-6:-2])
+            if high - low < 600:
+                continue
+            level = (edge - low) / (high - low)
+            rises.append(_crossing(level, 0.9) - _crossing(level, 0.1))
+    return rises
+
+
+def _crossing(level: np.ndarray, value: float) -> float:
+    """Sub-pixel position where a rising profile first reaches value."""
+    i = int(np.argmax(level >= value))
+    if i == 0:
+        return 0.0
+    return i - 1 + (value - level[i - 1]) / max(level[i] - level[i - 1], 1e-6)
