@@ -3,9 +3,10 @@
 Each lesion is an implicit shape in millimetres around its centre (signed distance d < 0
 inside), drawn only inside its own bounding box. The fraction of each voxel it covers is a
 linear ramp of d over the voxel's extent along the shape normal (partial volume); label =
-voxels at least half covered. Its HU contribution alpha * (lesion HU - background) is blurred
-by the scanner PSF and, for real backgrounds, given noise of the scanner's SD, so the lesion
-looks acquired by that scanner.
+voxels at least half covered. Coverage and lesion (coverage x lesion HU) both go through the
+scanner PSF; the background shows through (1 - blurred coverage), and for real backgrounds noise
+of the scanner's SD replaces the background noise the lesion hides, so the lesion looks acquired
+by that scanner.
 
 Kinds (HU before blur/noise):
   solid         smooth round/ovoid, 10-50 HU + texture
@@ -290,15 +291,16 @@ class _Scene:
         return np.clip(0.5 + (shape.radius * fraction - r) / self.spacing.mean(), 0, 1).astype(np.float32)
 
     def _blend(self, box, alpha: np.ndarray, lesion_hu: np.ndarray) -> None:
-        background = self.hu[box]
-        contribution = alpha * (lesion_hu - background)
+        """The background seen through (1 - A) plus the lesion, both through the scanner PSF."""
+        lesion = alpha * lesion_hu
         if self.blur_mm.max() > 0:
-            contribution = ndimage.gaussian_filter(contribution, self.blur_mm / self.spacing)
+            lesion = ndimage.gaussian_filter(lesion, self.blur_mm / self.spacing)
             alpha = np.clip(ndimage.gaussian_filter(alpha, self.blur_mm / self.spacing), 0, 1)
-        if self.noise_sd > 0:  # restore the background SD where the lesion replaced it
+        blended = self.hu[box] * (1 - alpha) + lesion
+        if self.noise_sd > 0:  # restore the background's noise SD where the lesion hides it
             noise = self._texture(alpha.shape, self.noise_sd, max(self.blur_mm[1], 0.3))
-            contribution += noise * np.sqrt(1 - (1 - alpha) ** 2)
-        self.hu[box] = background + contribution
+            blended += noise * np.sqrt(1 - (1 - alpha) ** 2)
+        self.hu[box] = blended
 
 
 def estimate_noise_and_blur(hu: np.ndarray, spacing, lungs: np.ndarray, slices: int = 8):
@@ -321,7 +323,7 @@ def estimate_noise_and_blur(hu: np.ndarray, spacing, lungs: np.ndarray, slices: 
         rises.extend(_edge_rises(image))
     stds = np.concatenate(stds)
     noise = float(np.median(stds)) if len(stds) else 0.0
-    sigma_xy = float(np.median(rises)) * spacing[2] / 2.563 if rises else 0.0
+    sigma_xy = float(np.median(rises) * spacing[2] / 2.563) if rises else 0.0
     return noise, (float(max(spacing[0] / 2.355, sigma_xy)), sigma_xy, sigma_xy)
 
 
