@@ -11,7 +11,7 @@ by that scanner.
 Kinds (HU before blur/noise):
   solid         smooth round/ovoid, 10-50 HU + texture
   lobulated     union of 3-6 blobs, 10-50 HU
-  spiculated    round core with 6-20 tapering spicules, 10-50 HU
+  spiculated    round core with 8-20 tapering spicules up to 2.6 radii long, 10-50 HU
   part_solid    ground-glass (-650..-350 HU) around a solid core
   ggo           pure ground glass, -600..-300 HU
   cavitating    thick soft-tissue wall around an eccentric air cavity (-1000 HU)
@@ -95,8 +95,8 @@ class _Shape:
                 self.blobs.append((_unit(rng) * radius * rng.uniform(0.35, 0.7), radius * rng.uniform(0.4, 0.7)))
         if form == "spiculated":
             self.blobs[0] = (np.zeros(3), radius * 0.8)
-            for _ in range(rng.integers(6, 15)):
-                self.spikes.append((_unit(rng), radius * rng.uniform(1.1, 1.8), max(0.6, radius * rng.uniform(0.12, 0.25))))
+            for _ in range(rng.integers(8, 20)):
+                self.spikes.append((_unit(rng), radius * rng.uniform(1.4, 2.6), max(0.5, radius * rng.uniform(0.08, 0.18))))
         ripple = 1 + sum(h[0] for h in self.harmonics)
         reach = max([(np.linalg.norm(c) + r) * ripple for c, r in self.blobs] + [length for _, length, _ in self.spikes])
         self.extent = float(reach / scales.min())  # radius (mm) of a sphere containing the shape
