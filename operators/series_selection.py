@@ -1,0 +1,215 @@
+"""Choosing and reading the chest CT series: the SDK's loader, selector and volume operators, made robust.
+
+What the stock SDK path (monai-deploy-app-sdk 4.0.0) does on real archives, and the fix here:
+- Loader: one empty attribute (e.g. SeriesNumber) makes `populate_series_attributes` raise, and the
+  series is then never attached to its study: every file of that series is silently lost.
+  -> `populate_series_attributes` sees the instance without its empty elements.
+- Loader: only files with the DICOM "DICM" marker are read; other files are ignored with a count
+  in the log. An empty folder or a folder without DICOM files is a one-line StudyError.
+- Selector: the rules match AND-only, the first match wins in folder order, and a study without a
+  match yields an empty list that makes the next operator fail with an opaque scheduler error;
+  the "Axial" orientation rule raises when PatientPosition is absent.
+  -> All series matching the SDK conditions are checked for a usable geometry (slice count,
+  coverage, spacing, no missing slices) and ranked (thin slices, soft-tissue kernel, slice count);
+  orientation is read from the slice normal; no usable series is a one-line StudyError naming why.
+- Volume: the SDK's conversion (sorting along the normal, rescale) is kept; its Image is turned
+  into a CTVolume with the source datasets in the same z order and the (z, y, x) affine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.multival import MultiValue
+
+from monai.deploy.core import Fragment
+from monai.deploy.core.domain.dicom_series import DICOMSeries
+from monai.deploy.core.domain.dicom_series_selection import SelectedSeries, StudySelectedSeries
+from monai.deploy.exceptions import ItemNotExistsError
+from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
+
+from operators.volume import CTVolume, StudyError, timed_compute
+
+log = logging.getLogger(__name__)
+
+RULES_FILE = Path(__file__).with_name("series_rules.json")
+ORIENTATION_KEY = "ImageOrientationPatient"
+
+
+def _is_dicom_file(path: str) -> bool:
+    with open(path, "rb") as file:
+        return file.read(132)[128:] == b"DICM"
+
+
+class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
+    """The SDK loader that ignores non-DICOM files and tolerates empty series attributes."""
+
+    def _list_files(self, path, files: list[str]):
+        found: list[str] = []
+        super()._list_files(path, found)
+        files.extend(f for f in found if _is_dicom_file(f))
+        if len(files) < len(found):
+            log.info("ignored %d of %d files without the DICOM marker", len(found) - len(files), len(found))
+
+    def populate_series_attributes(self, series, sop_instance):
+        present = Dataset()
+        present.update({element.tag: element for element in sop_instance if not element.is_empty})
+        super().populate_series_attributes(series, present)
+
+    def load_data_to_studies(self, input_path: Path):
+        if not Path(input_path).is_dir():
+            raise StudyError(f"input folder {input_path} does not exist")
+        try:
+            return super().load_data_to_studies(Path(input_path))
+        except ItemNotExistsError:
+            raise StudyError(f"no DICOM files in {input_path}") from None
+
+    compute = timed_compute(DICOMDataLoaderOperator.compute)
+
+
+@dataclass
+class SeriesGeometry:
+    """Slice geometry of one series, read from its headers."""
+
+    slices: int
+    slice_spacing_mm: float
+    coverage_mm: float
+    kernel: str
+
+
+def _kernel(dataset: Dataset) -> str:
+    kernel = dataset.get("ConvolutionKernel", "")
+    return " ".join(map(str, kernel)) if isinstance(kernel, MultiValue) else str(kernel or "")
+
+
+def _slice_normal(dataset: Dataset) -> np.ndarray:
+    cosines = np.asarray(dataset.ImageOrientationPatient, float)
+    return np.cross(cosines[:3], cosines[3:])
+
+
+def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | str:
+    """The geometry of a series, or why it cannot be read as one axial volume (a short phrase)."""
+    images = [d for d in datasets if "PixelData" in d]
+    needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns")
+    lacking = sorted({key for d in images for key in needed if d.get(key) in (None, "", [])})
+    if lacking:
+        return f"slices without {', '.join(lacking)}"
+    if len(images) < usable["min_slices"]:
+        return f"{len(images)} slices (at least {usable['min_slices']} needed)"
+    if len({(tuple(map(float, d.ImageOrientationPatient)), int(d.Rows), int(d.Columns)) for d in images}) > 1:
+        return "slices differ in orientation or size"
+    normal = _slice_normal(images[0])
+    if int(np.argmax(np.abs(normal))) != 2:
+        return "not axial"
+    positions = np.sort([float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))) for d in images])
+    steps = np.diff(positions)
+    spacing = float(np.median(steps))
+    coverage = float(positions[-1] - positions[0] + spacing)
+    if spacing <= 0 or spacing > usable["max_slice_spacing_mm"]:
+        return f"slice spacing {spacing:.1f} mm (at most {usable['max_slice_spacing_mm']} mm)"
+    if steps.max() > usable["max_gap_ratio"] * spacing:
+        return f"missing slices (a gap of {steps.max():.1f} mm where slices are {spacing:.1f} mm apart)"
+    if coverage < usable["min_coverage_mm"]:
+        return f"covers {coverage:.0f} mm (at least {usable['min_coverage_mm']:.0f} mm needed)"
+    return SeriesGeometry(len(images), spacing, coverage, _kernel(images[0]))
+
+
+def _describe(series: DICOMSeries) -> str:
+    first = series.get_sop_instances()[0].get_native_sop_instance()
+    name = " ".join(str(first.get(key) or "") for key in ("SeriesNumber", "SeriesDescription")).strip()
+    return f"series {name or series.SeriesInstanceUID} ({first.get('Modality', '?')}, {len(series.get_sop_instances())} files)"
+
+
+class ChestCTSeriesSelectorOperator(DICOMSeriesSelectorOperator):
+    """Picks the best usable axial CT series of all studies in the folder (see the module docstring)."""
+
+    def __init__(self, fragment: Fragment, *args, rules_path: Path = RULES_FILE, **kwargs):
+        self.config = json.loads(Path(rules_path).read_text())
+        super().__init__(fragment, *args, rules=json.dumps(self.config), all_matched=True, **kwargs)
+
+    def _kernel_rank(self, kernel: str) -> int:
+        prefer = self.config["prefer"]
+        if re.search(prefer["soft_tissue_kernels"], kernel):
+            return 0
+        return 2 if re.search(prefer["sharp_kernels"], kernel) else 1
+
+    def filter(self, selection_rules, dicom_study_list, all_matched=True, sort_by_sop_instance_count=False):
+        sdk_rules = {"selections": [
+            {**s, "conditions": {k: v for k, v in s["conditions"].items() if k != ORIENTATION_KEY}}
+            for s in selection_rules["selections"]]}
+        matched = {selected.series.SeriesInstanceUID: (study_selected.study, selected.selection_name)
+                   for study_selected in super().filter(sdk_rules, dicom_study_list, all_matched=True)
+                   for selected in study_selected.selected_series}
+        usable, reasons = [], []
+        for study in dicom_study_list:
+            for series in study.get_all_series():
+                if series.SeriesInstanceUID not in matched:
+                    reasons.append(f"{_describe(series)}: not a CT image series")
+                    continue
+                datasets = [sop.get_native_sop_instance() for sop in series.get_sop_instances()]
+                geometry = series_geometry(datasets, self.config["usable"])
+                if isinstance(geometry, str):
+                    reasons.append(f"{_describe(series)}: {geometry}")
+                else:
+                    usable.append((geometry, series))
+                    log.info("usable %s: %d slices, %.2f mm apart, kernel %r", _describe(series), geometry.slices,
+                             geometry.slice_spacing_mm, geometry.kernel)
+        if not usable:
+            raise StudyError("no usable axial CT series: " + "; ".join(reasons))
+        geometry, best = min(usable, key=lambda item: (round(item[0].slice_spacing_mm * 2) / 2,
+                                                       self._kernel_rank(item[0].kernel), -item[0].slices))
+        study, name = matched[best.SeriesInstanceUID]
+        log.info("selected %s of %d usable: %d slices, %.2f mm, kernel %r", _describe(best), len(usable),
+                 geometry.slices, geometry.slice_spacing_mm, geometry.kernel)
+        chosen = StudySelectedSeries(study)
+        chosen.add_selected_series(SelectedSeries(name, best, None))
+        return [chosen]
+
+    compute = timed_compute(DICOMSeriesSelectorOperator.compute)
+
+
+def _affine_zyx(first: Dataset, last: Dataset, count: int) -> np.ndarray:
+    """4x4 matrix mapping a voxel index (z, y, x, 1) to LPS mm."""
+    cosines = np.asarray(first.ImageOrientationPatient, float)
+    row_mm, column_mm = (float(v) for v in first.PixelSpacing)
+    origin = np.asarray(first.ImagePositionPatient, float)
+    step = (np.asarray(last.ImagePositionPatient, float) - origin) / max(count - 1, 1)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = step, cosines[3:] * row_mm, cosines[:3] * column_mm, origin
+    return affine
+
+
+class CTVolumeOperator(DICOMSeriesToVolumeOperator):
+    """The SDK's series-to-volume conversion, emitted as a CTVolume on port "volume"."""
+
+    def setup(self, spec):
+        spec.input(self.input_name_series)
+        spec.output("volume")
+
+    @timed_compute
+    def compute(self, op_input, op_output, context):
+        study_selected_series_list = op_input.receive(self.input_name_series)
+        series = study_selected_series_list[0].selected_series[0].series
+        try:
+            image = self.convert_to_image(study_selected_series_list)
+        except RuntimeError as error:  # the SDK's wrapper around pixel decoding and rescale failures
+            raise StudyError(f"pixel data of {_describe(series)} cannot be read: {error.__cause__ or error}") from error
+        datasets = [sop.get_native_sop_instance() for sop in series.get_sop_instances()]  # sorted by the SDK
+        normal = _slice_normal(datasets[0])
+        positions = [float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))) for d in datasets]
+        row_mm, column_mm = (float(v) for v in datasets[0].PixelSpacing)
+        volume = CTVolume(
+            hu=np.asarray(image.asnumpy(), dtype=np.float32),
+            spacing=(float(np.median(np.diff(positions))), row_mm, column_mm),
+            affine=_affine_zyx(datasets[0], datasets[-1], len(datasets)),
+            source_datasets=datasets,
+            series_uid=str(datasets[0].SeriesInstanceUID),
+        )
+        log.info("volume %s, spacing %s mm", volume.hu.shape, tuple(round(s, 3) for s in volume.spacing))
+        op_output.emit(volume, "volume")
