@@ -1,0 +1,120 @@
+"""Lesion probability by the 3D network (sliding window) and candidate instances.
+
+Plain functions, free of app state (training/evaluate imports them):
+- `predict_lesion_probability(hu, spacing, model, config, device)`: float32 probability on the input
+  grid, following models/lesion_seg/model.json (docs/ARCHITECTURE.md): resample to `spacing_mm`,
+  clip to `intensity_window_hu` and scale to [0, 1], sliding window over `patch_size` with `overlap`,
+  softmax channel 1, trilinear back to the input grid.
+- `extract_candidates(probability, threshold, spacing)`: 26-connected instances above the
+  threshold with each one's maximum and mean probability.
+
+LesionSegmentationOperator loads models/<model_name>/model.ts through the SDK's model factory and
+model.json beside it; it runs on CUDA when available.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core.models import ModelFactory
+
+from operators.measurements import label_instances
+from operators.thorax_crop import ThoraxCrop
+from operators.volume import CTVolume, timed_compute
+
+log = logging.getLogger(__name__)
+
+MIN_CANDIDATE_MM3 = 30.0  # specks below this are noise, far below a 10 mm lesion (about 520 mm3)
+
+
+@dataclass
+class Candidates:
+    """Instances (int32, 0 background, 1..n) and, at index k - 1, instance k's probabilities."""
+
+    labels: np.ndarray
+    max_probability: np.ndarray
+    mean_probability: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.max_probability)
+
+
+def _resize(volume: torch.Tensor, shape) -> torch.Tensor:
+    return torch.nn.functional.interpolate(volume, size=tuple(int(n) for n in shape), mode="trilinear",
+                                           align_corners=False)
+
+
+def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, device="cpu") -> np.ndarray:
+    """Lesion probability (float32, the shape of `hu`) from a network with 2 output channels."""
+    work_shape = np.maximum(np.round(np.asarray(hu.shape) * np.asarray(spacing) / config["spacing_mm"]), 1)
+    low, high = config["intensity_window_hu"]
+    with torch.inference_mode():
+        image = _resize(torch.as_tensor(hu, dtype=torch.float32, device=device)[None, None], work_shape)
+        image = (image.clamp(low, high) - low) / (high - low)
+        logits = sliding_window_inference(image, config["patch_size"], config.get("sw_batch_size", 1), model,
+                                          overlap=config.get("overlap", 0.5), mode="gaussian")
+        probability = torch.softmax(logits, dim=1)[:, 1:2]
+        return _resize(probability, hu.shape)[0, 0].cpu().numpy().astype(np.float32)
+
+
+def extract_candidates(probability: np.ndarray, threshold: float, spacing,
+                       min_volume_mm3: float = MIN_CANDIDATE_MM3) -> Candidates:
+    """Instances of `probability >= threshold`, specks under `min_volume_mm3` dropped, numbered 1..n."""
+    labels, count = label_instances(probability >= threshold)
+    index = np.arange(1, count + 1)
+    voxels = ndimage.sum_labels(np.ones_like(labels), labels, index) * float(np.prod(spacing))
+    kept = index[voxels >= min_volume_mm3]
+    renumber = np.zeros(count + 1, np.int32)
+    renumber[kept] = np.arange(1, len(kept) + 1)
+    return Candidates(
+        labels=renumber[labels],
+        max_probability=np.asarray(ndimage.maximum(probability, labels, kept), np.float32).reshape(-1),
+        mean_probability=np.asarray(ndimage.mean(probability, labels, kept), np.float32).reshape(-1),
+    )
+
+
+def load_model_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "model.json").read_text())
+
+
+class LesionSegmentationOperator(Operator):
+    """Ports in: "volume" (CTVolume), "thorax" (ThoraxCrop); out: the same two and "candidates"
+    (Candidates in the thorax box's frame)."""
+
+    def __init__(self, fragment: Fragment, *args, app_context, model_name: str = "lesion_seg", **kwargs):
+        model_dir = Path(app_context.model_path) / model_name
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.config = load_model_config(model_dir)
+        model = ModelFactory.create(model_dir / self.config.get("file", "model.ts"), model_name)
+        if model is None:
+            raise FileNotFoundError(f"no TorchScript model {model_name!r} in {model_dir}")
+        self.model = model
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("volume")
+        spec.input("thorax")
+        for name in ("volume", "thorax", "candidates"):
+            spec.output(name)
+
+    @timed_compute
+    def compute(self, op_input, op_output, context):
+        volume: CTVolume = op_input.receive("volume")
+        thorax: ThoraxCrop = op_input.receive("thorax")
+        probability = predict_lesion_probability(volume.hu[thorax.box], volume.spacing, self.model.predictor,
+                                                 self.config, self.device)
+        candidates = extract_candidates(probability, self.config["probability_threshold"], volume.spacing)
+        log.info("%d candidates on %s (%s)", candidates.count, self.device, self.config.get("name", "model"))
+        op_output.emit(volume, "volume")
+        op_output.emit(thorax, "thorax")
+        op_output.emit(candidates, "candidates")
