@@ -127,8 +127,8 @@ class CascadeFPOperator(Operator):
         candidates: Candidates = op_input.receive("candidates")
         result = filter_candidates(candidates, volume.hu[thorax.box], volume.spacing, thorax, self.config)
         for k, feature in enumerate(result.features, start=1):
-            log.info("candidate %d: %s", k, ", ".join(f"{key} {value:.2f}" if isinstance(value, float) else
-                                                      f"{key} {value}" for key, value in feature.items()))
+            log.log(logging.DEBUG if "dropped_by" in feature else logging.INFO, "candidate %d: %s", k, ", ".join(
+                f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in feature.items()))
         log.info("%d of %d candidates kept", len(result.scores), candidates.count)
         labels = np.zeros(volume.hu.shape, np.int32)
         labels[thorax.box] = result.labels

@@ -1,0 +1,40 @@
+"""Lung lesion MAP: every lung cancer lesion in a chest CT study, as DICOM SEG and lesions.json."""
+
+from pathlib import Path
+
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application
+
+from operators.cascade_fp import CascadeFPOperator
+from operators.lesion_segmentation import LesionSegmentationOperator
+from operators.seg_writer import LesionSegWriterOperator
+from operators.series_selection import ChestCTSeriesSelectorOperator, CTVolumeOperator, RobustDICOMDataLoaderOperator
+from operators.thorax_crop import ThoraxCropOperator
+
+VERSION = "0.1.0"
+
+
+class LungLesionApp(Application):
+    """DICOM study in; one DICOM SEG segment per lesion and lesions.json out."""
+
+    def compose(self):
+        app_context = Application.init_app_context(self.argv)
+
+        loader = RobustDICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=Path(app_context.input_path),
+                                               name="dicom_loader")
+        selector = ChestCTSeriesSelectorOperator(self, name="series_selector")
+        to_volume = CTVolumeOperator(self, name="series_to_volume")
+        thorax = ThoraxCropOperator(self, name="thorax_crop")
+        segmentation = LesionSegmentationOperator(self, app_context=app_context, model_name="lesion_seg",
+                                                  name="lesion_segmentation")
+        cascade = CascadeFPOperator(self, app_context=app_context, model_name="cascade_fp", name="cascade_fp")
+        writer = LesionSegWriterOperator(self, output_folder=Path(app_context.output_path), algorithm_name="lesion_seg",
+                                         algorithm_version=VERSION, name="seg_writer")
+
+        self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
+        self.add_flow(selector, to_volume, {("study_selected_series_list", "study_selected_series_list")})
+        self.add_flow(to_volume, thorax, {("volume", "volume")})
+        self.add_flow(thorax, segmentation, {("volume", "volume"), ("thorax", "thorax")})
+        self.add_flow(segmentation, cascade, {("volume", "volume"), ("thorax", "thorax"), ("candidates", "candidates")})
+        self.add_flow(cascade, writer, {(port, port) for port in
+                                        ("source_datasets", "hu", "spacing", "instance_labels", "scores")})
