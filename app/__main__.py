@@ -5,6 +5,7 @@ one line on stderr); 1 internal error (one line on stderr, traceback in the log)
 stdout, so stderr holds nothing but that line.
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -31,8 +32,11 @@ def main() -> int:
     logging.captureWarnings(True)
 
     from app import LungLesionApp
+    from monai.deploy.core import parse_args
     from operators.volume import StudyError
 
+    with contextlib.redirect_stderr(error_stream):
+        parse_args(sys.argv)  # usage errors (e.g. no such input folder) on stderr, exit status 2, before any work
     start = time.perf_counter()
     try:
         LungLesionApp().run()

@@ -69,3 +69,32 @@ def run_app(input_dir: Path, output_dir: Path, models: Path, timeout: float = 60
     """`python app -i -o -m` from the repository root, as a user runs it."""
     return subprocess.run([sys.executable, "app", "-i", str(input_dir), "-o", str(output_dir), "-m", str(models)],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+PHANTOM_SEED = 3  # 298 x 512 x 512 at 1 mm: the size of the speed target
+
+
+@pytest.fixture(scope="session")
+def phantom_study(tmp_path_factory):
+    """A generated 512 x 512 x ~300 chest CT study (training.phantom) with non-DICOM files mixed in: (folder, phantom)."""
+    from training.phantom import generate_phantom
+    from training.phantom_io import write_dicom_series
+
+    phantom = generate_phantom(PHANTOM_SEED, lesion_count=4)
+    folder = tmp_path_factory.mktemp("phantom") / "study"
+    write_dicom_series(phantom, folder / "series")
+    (folder / "README.txt").write_text("not DICOM\n")
+    (folder / "series" / "thumbnail.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    (folder / "empty.dcm").write_bytes(b"")
+    return folder, phantom
+
+
+def seg_labels(seg_path: Path, source_sop_uids: list[str]) -> np.ndarray:
+    """The SEG read back with highdicom as instance labels on the source slices (in `source_sop_uids` order)."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(seg_path)
+    numbers = list(seg.segment_numbers)
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=source_sop_uids, segment_numbers=numbers,
+                                              ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
+    return (pixels * np.asarray(numbers)).max(axis=-1).astype(np.int32)
