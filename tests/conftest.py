@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.misc
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ def real_case(name: str) -> Path:
 
 def read_series(folder: Path, series_uid: str | None = None) -> list[pydicom.Dataset]:
     """The CT slices of one series under `folder`, sorted feet first (ascending z)."""
-    datasets = [pydicom.dcmread(p) for p in sorted(folder.rglob("*")) if p.is_file()]
+    datasets = [pydicom.dcmread(p) for p in sorted(folder.rglob("*")) if p.is_file() and pydicom.misc.is_dicom(p)]
     datasets = [d for d in datasets if series_uid is None or d.SeriesInstanceUID == series_uid]
     return sorted(datasets, key=lambda d: float(d.ImagePositionPatient[2]))
 
