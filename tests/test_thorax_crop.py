@@ -1,0 +1,69 @@
+"""Thoracic box: holds every truth lesion (real cases and phantoms), refuses series without lungs, is fast."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from operators.thorax_crop import NoThoraxError, body_and_lung_masks, crop_thorax
+from tests.conftest import REAL_CASES, hu_volume, read_series, real_case
+
+
+def _lesion_voxels_outside(label: np.ndarray, box) -> int:
+    inside = np.zeros(label.shape, bool)
+    inside[box] = True
+    return int(((label > 0) & ~inside).sum())
+
+
+@pytest.mark.parametrize("case", [c for c in REAL_CASES if c != "abdomen_negative"])
+def test_box_holds_real_lesions(case):
+    folder = real_case(case)
+    truth = json.loads((folder / "truth.json").read_text())
+    datasets = read_series(folder / "dicom", truth["series_uid"])
+    label = np.load(folder / "truth.npz")["label"][::-1]  # head first there, feet first here
+    crop = crop_thorax(hu_volume(datasets), truth["spacing_mm"])
+    assert _lesion_voxels_outside(label, crop.box) == 0
+    assert crop.body.shape == crop.lungs.shape == crop.shape
+
+
+def test_real_abdomen_has_no_thorax():
+    folder = real_case("abdomen_negative")
+    truth = json.loads((folder / "truth.json").read_text())
+    with pytest.raises(NoThoraxError, match="no thorax in this series"):
+        crop_thorax(hu_volume(read_series(folder / "dicom")), truth["spacing_mm"])
+
+
+def test_box_holds_phantom_lesions(phantom_study):
+    phantom = phantom_study[1]
+    crop = crop_thorax(phantom.hu.astype(np.float32), phantom.spacing)
+    assert phantom.label.max() > 0
+    assert _lesion_voxels_outside(phantom.label, crop.box) == 0
+    lungs_inside = np.zeros(phantom.hu.shape, bool)
+    lungs_inside[crop.box] = crop.lungs
+    assert (lungs_inside & phantom.lungs).sum() >= 0.9 * phantom.lungs.sum()
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_box_holds_lesions_of_more_phantoms(seed):
+    from training.phantom import generate_phantom
+
+    phantom = generate_phantom(seed, lesion_count=8, slices=60)
+    crop = crop_thorax(phantom.hu.astype(np.float32), phantom.spacing)
+    assert _lesion_voxels_outside(phantom.label, crop.box) == 0
+
+
+def test_no_lungs_no_thorax():
+    water = np.full((40, 128, 128), -1000.0, np.float32)
+    water[:, 20:108, 20:108] = 0.0
+    with pytest.raises(NoThoraxError, match="no thorax in this series"):
+        crop_thorax(water, (2.0, 2.0, 2.0))
+
+
+def test_masks_are_fast_on_a_large_volume(phantom_study):
+    hu = phantom_study[1].hu.astype(np.float32)
+    start = time.perf_counter()
+    body, lungs = body_and_lung_masks(hu, phantom_study[1].spacing)
+    crop_thorax(hu, phantom_study[1].spacing)
+    assert time.perf_counter() - start < 10.0
+    assert body.shape == lungs.shape == hu.shape and not (lungs & ~body).any()
