@@ -1,0 +1,29 @@
+# make demo: set up .venv, generate a synthetic chest CT study, run the app on it, print the lesions.
+# make test: set up .venv (and dicom3tools), run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := output/demo
+SEED ?= 7
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: demo test
+
+$(VENV)/.ready: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.ready
+	$(PY) -m training.phantom --seed $(SEED) --lesions 4 --out $(DEMO)/study --format dicom
+	$(PY) app -i $(DEMO)/study/dicom -o $(DEMO)/output > $(DEMO)/app.log
+	@$(PY) -c 'import json, sys; lesions = json.load(open(sys.argv[1]))["lesions"]; \
+	print("%-10s %8s %9s %10s %8s %6s  %s" % ("lesion", "long mm", "short mm", "volume ml", "mean HU", "score", "centroid (LPS mm)")); \
+	[print("%-10s %8.1f %9.1f %10.2f %8.0f %6.2f  %s" % (l["label"], l["long_axis_mm"], l["short_axis_mm"], l["volume_ml"], \
+	l["mean_hu"], l["score"], l["centroid_mm"])) for l in lesions]; print(len(lesions), "lesions")' $(DEMO)/output/lesions.json
+	@echo "outputs: $(DEMO)/output/lesions.json $$(ls $(DEMO)/output/seg.dcm 2>/dev/null); log: $(DEMO)/app.log; truth: $(DEMO)/study/lesions.json"
+
+test: $(VENV)/.ready
+	command -v dciodvfy > /dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools; }
+	$(PY) -m pytest -q tests
