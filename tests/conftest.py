@@ -95,7 +95,6 @@ def seg_labels(seg_path: Path, source_sop_uids: list[str]) -> np.ndarray:
     import highdicom as hd
 
     seg = hd.seg.segread(seg_path)
-    numbers = list(seg.segment_numbers)
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=source_sop_uids, segment_numbers=numbers,
+    labels = seg.get_pixels_by_source_instance(source_sop_instance_uids=source_sop_uids, combine_segments=True,
                                               ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
-    return (pixels * np.asarray(numbers)).max(axis=-1).astype(np.int32)
+    return labels.astype(np.int32)
