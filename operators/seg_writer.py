@@ -35,6 +35,7 @@ from scipy import ndimage
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
 from operators.measurements import axial_diameters
+from operators.volume import timed_compute
 
 SEG_FILE = "seg.dcm"
 LESIONS_FILE = "lesions.json"
@@ -118,14 +119,23 @@ def _segment_description(record: dict, algorithm: hd.AlgorithmIdentificationSequ
     )
 
 
-def _with_type2_attributes(dataset: Dataset) -> Dataset:
-    """A copy of `dataset` where missing Type 2 patient/study attributes are present and empty."""
+def _study_attributes_for_seg(dataset: Dataset) -> Dataset:
+    """`dataset`, or a repaired copy, whose patient/study attributes a SEG may copy as they are.
+
+    Missing Type 2 attributes become present and empty; a Referenced Study Sequence with items that
+    lack the macro's Type 1 attributes (seen in de-identified archives) is left out.
+    """
     missing = [keyword for keyword in _TYPE2_FROM_SOURCE if keyword not in dataset]
-    if not missing:
+    incomplete_study_reference = any(
+        "ReferencedSOPClassUID" not in item or "ReferencedSOPInstanceUID" not in item
+        for item in dataset.get("ReferencedStudySequence", []))
+    if not missing and not incomplete_study_reference:
         return dataset
     dataset = copy.deepcopy(dataset)
     for keyword in missing:
         setattr(dataset, keyword, "")
+    if incomplete_study_reference:
+        del dataset.ReferencedStudySequence
     return dataset
 
 
@@ -135,7 +145,7 @@ def build_lesion_seg(source_datasets: Sequence[Dataset], instance_labels: np.nda
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, version=algorithm_version, family=codes.DCM.ArtificialIntelligence)
     return hd.seg.Segmentation(
-        source_images=[_with_type2_attributes(source_datasets[0]), *source_datasets[1:]],
+        source_images=[_study_attributes_for_seg(source_datasets[0]), *source_datasets[1:]],
         pixel_array=instance_labels.astype(np.uint16, copy=False),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment_description(r, algorithm) for r in records],
@@ -205,6 +215,7 @@ class LesionSegWriterOperator(Operator):
             spec.input(name)
         spec.output("lesions").condition(ConditionType.NONE)  # optional: may stay unconnected
 
+    @timed_compute
     def compute(self, op_input, op_output, context) -> None:
         records = write_lesion_outputs(
             op_input.receive("source_datasets"), op_input.receive("instance_labels"), op_input.receive("scores"),

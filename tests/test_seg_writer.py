@@ -49,7 +49,7 @@ class Series:
 
 
 def make_series(lesions: list[Lesion], *, shape=(24, 64, 64), pixel_mm=(0.8, 0.8), table_step_mm=2.0, tilt_deg=0.0,
-                signed=True, drop: tuple[str, ...] = ()) -> Series:
+                signed=True, drop: tuple[str, ...] = (), incomplete_study_reference=False) -> Series:
     """One CT Image Storage dataset per slice; pixel_mm is (between rows, between columns) like
     PixelSpacing; a gantry tilt turns the image plane about patient x."""
     nz, ny, nx = shape
@@ -92,6 +92,9 @@ def make_series(lesions: list[Lesion], *, shape=(24, 64, 64), pixel_mm=(0.8, 0.8
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
         ds.RescaleIntercept, ds.RescaleSlope = (0, 1) if signed else (-1024, 1)
         ds.PixelData = stored[z].tobytes()
+        if incomplete_study_reference:  # as in de-identified archives: the item lacks its SOP Class UID
+            ds.ReferencedStudySequence = [Dataset()]
+            ds.ReferencedStudySequence[0].ReferencedSOPInstanceUID = generate_uid()
         for keyword in drop:
             delattr(ds, keyword)
         datasets.append(ds)
@@ -109,6 +112,7 @@ VARIANTS = {  # (make_series arguments, source order); slice steps divide the le
     "shuffled_tilted": (dict(tilt_deg=20.0, table_step_mm=3.0, shape=(17, 64, 64)), "shuffled"),
     "missing_attributes": (dict(drop=("PatientName", "StudyID", "AccessionNumber", "PatientBirthDate",
                                       "PatientSex", "ReferringPhysicianName", "StudyTime")), "ascending"),
+    "incomplete_study_reference": (dict(incomplete_study_reference=True), "ascending"),
 }
 
 

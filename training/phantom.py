@@ -163,6 +163,11 @@ def _tree(rng, root, targets, radius, canvas, value, alphas, airway=False):
                 stack.append((end, part, r_end))
 
 
+def _sample(rng, points: np.ndarray, count: int) -> np.ndarray:
+    """Up to `count` distinct rows of `points` (a short study holds few lung points)."""
+    return points[rng.choice(len(points), size=min(count, len(points)), replace=False)]
+
+
 def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
     """Coarse HU canvas over the scanner grid's extent; returns (canvas, lungs, mediastinum) on it."""
     extent = np.asarray(shape) * np.asarray(spacing)
@@ -236,7 +241,7 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
     spine_y = cy + cav_ay - u(25, 35)
     spine_zone = _ellipse(canvas, 0, spine_y, 32, 30)
     lungs = lung_space * (1 - mediastinum) * (1 - spine_zone)
-    parenchyma = -860 + u(-30, 30) + 70 * np.clip((y - cy) / cav_ay, 0, 1) ** 3  # gravity-dependent density
+    parenchyma = -895 + u(-40, 40) + 70 * np.clip((y - cy) / cav_ay, 0, 1) ** 3  # gravity-dependent density
     parenchyma = parenchyma + _smooth_field(rng, canvas.hu.shape, 4, u(4, 10))
     canvas.paint(lungs, parenchyma)
     canvas.paint(lung_space * mediastinum * (1 - below), -80.0)  # mediastinal fat
@@ -287,12 +292,12 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
             continue
         hilum = np.array([hilum_z, cy - 10, side * (med_base + 6)], np.float32)
         for offset, hu_value, radius in ((np.array([3, -6, 0]), artery_hu, 6.0), (np.array([-18, 4, 0]), vein_hu, 5.5)):
-            targets = side_points[rng.choice(len(side_points), size=int(u(700, 1100)), replace=False)]
+            targets = _sample(rng, side_points, int(u(700, 1100)))
             _tree(rng, hilum + offset, targets, radius, canvas, hu_value, vessel_alphas)
         bronchus_root = np.array([carina[0] - 8, carina[1] + 5, side * med_base], np.float32)
         canvas.tube(carina, bronchus_root, 6.5, 5.5, 35.0)
         canvas.tube(carina, bronchus_root, 5.0, 4.5, -1000.0)
-        targets = side_points[rng.choice(len(side_points), size=60, replace=False)]
+        targets = _sample(rng, side_points, 60)
         _tree(rng, bronchus_root, targets, 5.0, canvas, None, None, airway=True)
     _lung_details(rng, canvas, lung_mask, lung_points, cy, cav_ay)
     return canvas, lung_mask, mediastinum_mask
@@ -300,6 +305,8 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
 
 def _lung_details(rng, canvas, lung_mask, lung_points, cy, cav_ay):
     """Look-alikes and findings of real lungs: fissures, granulomas, scars, emphysema, atelectasis, effusion."""
+    if not len(lung_points):
+        return
     u = rng.uniform
     z, y, x = canvas.z, canvas.y, canvas.x
     for side in (-1, 1):  # oblique fissures: thin dense sheets

@@ -126,7 +126,7 @@ def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["learning_rate"],
                                                     total_steps=config["iterations"], pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    state = {"iteration": 0, "best_dice": -1.0, "history": []}
+    state = {"iteration": 0, "best_dice": -1.0, "history": [], "losses": []}
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -136,7 +136,7 @@ def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val
         state = saved["state"]
         log.info("resumed at iteration %d", state["iteration"])
 
-    t_start, losses = time.perf_counter(), []
+    t_start, start_iteration, losses = time.perf_counter(), state["iteration"], state["losses"]
     while state["iteration"] < config["iterations"]:
         for batch in loader:
             model.train()
@@ -152,7 +152,7 @@ def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val
             if it % 20 == 0:
                 elapsed = time.perf_counter() - t_start
                 log.info("iteration %d/%d loss %.4f lr %.2e (%.2f s/it)", it, config["iterations"],
-                         np.mean(losses[-20:]), scheduler.get_last_lr()[0], elapsed / len(losses))
+                         np.mean(losses[-20:]), scheduler.get_last_lr()[0], elapsed / (it - start_iteration))
             if it % config["validate_every"] == 0 or it == config["iterations"]:
                 _validate_and_save(model, val_ds, config, state, optimizer, scheduler, run_dir, losses, device)
             if it >= config["iterations"]:
