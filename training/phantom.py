@@ -181,7 +181,8 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
     # Body: skin/fat outline, muscle, then the thoracic cavity; the table below the back.
     z_base = u(40, 70)  # lowest point of the lung bases
     z_apex = z_base + u(190, 240)
-    body_ax, body_ay = u(140, min(185, fov_mm / 2 - 15)), u(95, 125)
+    body_ax = u(min(140, fov_mm / 2 - 25), min(185, fov_mm / 2 - 15))  # a small field of view holds a slim body
+    body_ay = u(95, 125)
     cy = u(-15, 5)
     taper = 1 - 0.12 * np.clip((z - z_apex + 20) / 60, 0, 1)  # shoulders/neck narrower
     fat = u(5, 25)
