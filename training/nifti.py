@@ -17,6 +17,15 @@ def write_nifti(path: Path, array_zyx: np.ndarray, spacing_zyx, origin_lps=(0.0,
     sz, sy, sx = (float(s) for s in spacing_zyx)
     affine = np.diag([-sx, -sy, sz, 1.0])  # x: R->L is -RAS x, y: A->P is -RAS y, z: up
     affine[:3, 3] = [-origin_lps[0], -origin_lps[1], origin_lps[2]]
+    _save(path, array_zyx, affine)
+
+
+def write_nifti_like(path: Path, array_zyx: np.ndarray, reference: Path) -> None:
+    """Write `array_zyx` on the grid (affine) of the NIfTI file `reference`, e.g. labels for an image."""
+    _save(path, array_zyx, nib.load(str(reference)).affine)
+
+
+def _save(path: Path, array_zyx: np.ndarray, affine: np.ndarray) -> None:
     image = nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)), affine)
     image.header.set_xyzt_units("mm")
     path = Path(path)

@@ -29,8 +29,8 @@ log = logging.getLogger("train")
 PRESETS = {
     # Working grid (z, y, x) mm and window are part of the model: they go to model.json on export.
     "cpu": dict(spacing_mm=[2.0, 1.5, 1.5], intensity_window_hu=[-1000, 500], patch_size=[48, 64, 64],
-                filters=[16, 32, 64, 128, 160], batch_size=2, samples_per_volume=2, iterations=2400,
-                learning_rate=2e-3, validate_every=400, threads=2),
+                filters=[16, 32, 64, 128, 160], batch_size=2, samples_per_volume=2, iterations=1400,
+                learning_rate=2e-3, validate_every=350, threads=2),
     "gpu": dict(spacing_mm=[2.0, 1.5, 1.5], intensity_window_hu=[-1000, 500], patch_size=[64, 96, 96],
                 filters=[32, 64, 128, 256, 320], batch_size=8, samples_per_volume=4, iterations=20000,
                 learning_rate=2e-3, validate_every=1000, threads=8),
