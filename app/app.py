@@ -38,3 +38,4 @@ class LungLesionApp(Application):
         self.add_flow(segmentation, cascade, {("volume", "volume"), ("thorax", "thorax"), ("candidates", "candidates")})
         self.add_flow(cascade, writer, {(port, port) for port in
                                         ("source_datasets", "hu", "spacing", "instance_labels", "scores")})
+        self.add_flow(thorax, writer, {("thorax", "thorax")})

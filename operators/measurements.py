@@ -1,6 +1,20 @@
-"""Lesion geometry on a voxel grid: RECIST axial diameters and 26-connected instances.
+"""Lesion geometry on a voxel grid: RECIST diameters, 26-connected instances, location and burden.
 
-Arrays are indexed [z, y, x] (slice, row, column); spacing is (z, y, x) in mm.
+Arrays are indexed [z, y, x] (slice, row, column); spacing is (z, y, x) in mm; patient
+coordinates are DICOM LPS mm (+x patient left, +z head).
+
+Location (`lesion_location`) is a documented heuristic, not an anatomical segmentation: lobes
+need fissures, which the aerated-lung mask does not show, so the lung is split into zones.
+- side: the lesion centroid's patient x against the midline between the lungs' outer edges;
+- zone: upper, middle or lower third of the lungs' craniocaudal extent;
+- region: "lung" when at least LUNG_CONTACT of a LUNG_SHELL_MM shell around the lesion is aerated
+  lung, or when the lesion lies laterally (offset from the midline at least HILUM_OFFSET of the
+  lungs' half width: chest wall contact); otherwise "mediastinum" near the midline (offset below
+  MEDIASTINUM_OFFSET) and "hilum" between.
+RECIST 1.1 (`recist_burden`): hilar and mediastinal lesions are taken as lymph nodes (target when
+the short axis is at least 15 mm, measured by it); lung lesions are target from a long axis of
+10 mm. At most five targets, at most two per organ, where the lungs are one organ and all lymph
+nodes another (EORTC RECIST FAQ); the largest are chosen.
 """
 
 from __future__ import annotations
@@ -79,3 +93,82 @@ def axial_diameters(mask: np.ndarray, spacing: tuple[float, float, float]) -> Ax
     long_mm, short_mm, z, long_pts, short_pts = best
     as_zyx = lambda pair: tuple((float(z), float(p[0]), float(p[1])) for p in pair)  # noqa: E731
     return AxialDiameters(long_mm, short_mm, z, as_zyx(long_pts), as_zyx(short_pts))
+
+
+def longest_diameter_3d(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Longest 3D diameter of a mask in mm, between voxel corners like `axial_diameters`.
+
+    Only surface voxels can hold the extremes, so the convex hull is taken over their corners.
+    """
+    surface = mask & ~ndimage.binary_erosion(mask)
+    corners = np.array([[i, j, k] for i in (-0.5, 0.5) for j in (-0.5, 0.5) for k in (-0.5, 0.5)])
+    points = ((np.argwhere(surface)[:, None, :] + corners).reshape(-1, 3) * np.asarray(spacing, float))
+    try:
+        points = points[ConvexHull(points).vertices]
+    except QhullError:  # flat or tiny: all points
+        pass
+    # Pairwise distances in blocks, so a large hull does not need a full distance matrix.
+    longest = 0.0
+    for start in range(0, len(points), 1024):
+        block = points[start:start + 1024]
+        longest = max(longest, float(np.sqrt(((block[:, None] - points[None]) ** 2).sum(-1).max())))
+    return longest
+
+
+LUNG_SHELL_MM = 5.0
+LUNG_CONTACT = 0.5
+MEDIASTINUM_OFFSET = 0.25
+HILUM_OFFSET = 0.5
+
+
+def lung_contact(mask: np.ndarray, lungs: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Share of the LUNG_SHELL_MM shell around `mask` that is aerated lung.
+
+    Both arrays cover the lesion's box padded by at least the shell width.
+    """
+    shell = (ndimage.distance_transform_edt(~mask, sampling=spacing) <= LUNG_SHELL_MM) & ~mask
+    return float(lungs[shell].mean()) if shell.any() else 0.0
+
+
+def lesion_location(centroid_mm, contact: float, lung_box_mm: tuple[float, float, float, float]) -> dict:
+    """Region, side and zone (module docstring) from the centroid (LPS mm), the lung contact and the
+    lungs' patient extent (x_min, x_max, z_min, z_max)."""
+    x_min, x_max, z_min, z_max = lung_box_mm
+    x, z = float(centroid_mm[0]), float(centroid_mm[2])
+    midline, half_width = (x_min + x_max) / 2, max((x_max - x_min) / 2, 1e-6)
+    offset = abs(x - midline) / half_width
+    side = "left" if x > midline else "right"
+    height = min(max((z - z_min) / max(z_max - z_min, 1e-6), 0.0), 1.0)
+    zone = "lower" if height < 1 / 3 else "middle" if height < 2 / 3 else "upper"
+    if contact >= LUNG_CONTACT or offset >= HILUM_OFFSET:
+        location = {"region": "lung", "side": side, "zone": zone, "text": f"{side} lung, {zone} zone"}
+    elif offset < MEDIASTINUM_OFFSET:
+        location = {"region": "mediastinum", "side": None, "zone": None, "text": "mediastinum"}
+    else:
+        location = {"region": "hilum", "side": side, "zone": None, "text": f"{side} hilum"}
+    return {**location, "lung_contact": round(contact, 2)}
+
+
+def recist_burden(records: list[dict]) -> dict:
+    """Lesion count, total volume and the RECIST 1.1 sum of diameters of the target lesions.
+
+    Records carry `segment_number`, `volume_ml`, `long_axis_mm`, `short_axis_mm` and optionally a
+    `location` with a `region`; without one a lesion counts as a lung lesion.
+    """
+    candidates = []
+    for record in records:
+        node = (record.get("location") or {}).get("region") in ("hilum", "mediastinum")
+        diameter = record["short_axis_mm"] if node else record["long_axis_mm"]
+        if diameter >= (15.0 if node else 10.0):
+            candidates.append((diameter, "lymph node" if node else "lung", record["segment_number"]))
+    targets, per_organ = [], {}
+    for diameter, organ, number in sorted(candidates, key=lambda c: -c[0]):
+        if len(targets) < 5 and per_organ.get(organ, 0) < 2:
+            per_organ[organ] = per_organ.get(organ, 0) + 1
+            targets.append({"segment_number": number, "organ": organ, "diameter_mm": diameter})
+    return {
+        "lesion_count": len(records),
+        "total_volume_ml": round(sum(r["volume_ml"] for r in records), 4),
+        "recist_targets": targets,
+        "recist_sum_mm": round(sum(t["diameter_mm"] for t in targets), 2),
+    }

@@ -1,20 +1,24 @@
 """Lesion outputs on the source grid: a DICOM SEG (one segment per lesion) and lesions.json.
 
 Plain functions:
-- `lesion_records(source_datasets, instance_labels, scores, hu, spacing)`: per-lesion measurements.
+- `lesion_records(source_datasets, instance_labels, scores, hu, spacing, lungs)`: per-lesion
+  measurements (operators.measurements: RECIST axial diameters, 3D diameter, HU, location).
 - `build_lesion_seg(source_datasets, instance_labels, records, ...)`: the SEG dataset (highdicom, BINARY).
-- `write_lesion_outputs(...)`: both into an output folder (`seg.dcm`, `lesions.json`).
+- `write_lesion_outputs(...)`: both into an output folder (`seg.dcm`, `lesions.json`, each optional);
+  returns the lesions.json document (UIDs, records, tumour burden, the SEG's UIDs).
 
 `source_datasets` are the CT slices in the volume's z order (slice k of every array is
 `source_datasets[k]`); arrays are [z, y, x]; spacing is (z, y, x) mm. Every file is written to a
 temporary name in the same folder and renamed, so a reader never sees half a file. A study with
 no lesions gets `lesions.json` with an empty list and no SEG (a SEG needs at least one segment).
+An output that is switched off is not written, and an earlier run's file of that name is removed.
 
 LesionSegWriterOperator ports:
 - inputs: `source_datasets` (list[pydicom.Dataset], volume z order), `hu` (float32 [z, y, x]),
   `spacing` ((z, y, x) mm), `instance_labels` (int32 [z, y, x], 0 background, 1..n lesions),
-  `scores` (list[float], lesion k at index k - 1);
-- output: `lesions` (the list of lesion records written to lesions.json).
+  `scores` (list[float], lesion k at index k - 1), `thorax` (ThoraxCrop: the lung mask for locations);
+- outputs: `lesions` (the lesion records), `document` (the lesions.json document, also when the
+  file is switched off).
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from scipy import ndimage
 
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
-from operators.measurements import axial_diameters
+from operators.measurements import (LUNG_SHELL_MM, axial_diameters, lesion_location, longest_diameter_3d, lung_contact,
+                                   recist_burden)
+from operators.thorax_crop import ThoraxCrop
 from operators.volume import timed_compute
 
 SEG_FILE = "seg.dcm"
@@ -60,12 +66,23 @@ def _voxel_to_patient(source_datasets: Sequence[Dataset]) -> Callable[[np.ndarra
     return to_patient
 
 
+def _lung_box_mm(lungs: np.ndarray, to_patient) -> tuple[float, float, float, float] | None:
+    """Patient x and z extent (x_min, x_max, z_min, z_max) of the lung mask's bounding box."""
+    where = [np.flatnonzero(lungs.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+    if not all(len(w) for w in where):
+        return None
+    corners = np.array([[z, y, x] for z in where[0][[0, -1]] for y in where[1][[0, -1]] for x in where[2][[0, -1]]])
+    points = to_patient(corners)
+    return points[:, 0].min(), points[:, 0].max(), points[:, 2].min(), points[:, 2].max()
+
+
 def lesion_records(source_datasets: Sequence[Dataset], instance_labels: np.ndarray, scores: Sequence[float],
-                   hu: np.ndarray, spacing: tuple[float, float, float]) -> list[dict]:
+                   hu: np.ndarray, spacing: tuple[float, float, float], lungs: np.ndarray | None = None) -> list[dict]:
     """Measurements of lesions 1..len(scores): geometry from the source slices, sizes from `spacing`.
 
     Voxel coordinates in the records are (z, y, x) on the source grid; `axial_slice_*` is the
-    slice of the longest axial diameter.
+    slice of the longest axial diameter. `lungs` (bool, the labels' shape) gives each lesion's
+    location; without it the location is None.
     """
     if instance_labels.shape != hu.shape or instance_labels.shape[0] != len(source_datasets):
         raise ValueError(f"labels {instance_labels.shape}, HU {hu.shape} and {len(source_datasets)} slices disagree")
@@ -73,6 +90,8 @@ def lesion_records(source_datasets: Sequence[Dataset], instance_labels: np.ndarr
         raise ValueError(f"{instance_labels.max()} lesion labels but {len(scores)} scores")
     voxel_ml = float(np.prod(spacing)) / 1000.0
     to_patient = _voxel_to_patient(source_datasets)
+    lung_box = None if lungs is None else _lung_box_mm(lungs, to_patient)
+    pad = np.ceil(LUNG_SHELL_MM / np.asarray(spacing)).astype(int) + 1
     records = []
     for number, (box, score) in enumerate(zip(ndimage.find_objects(instance_labels, len(scores)), scores), 1):
         if box is None:
@@ -84,6 +103,12 @@ def lesion_records(source_datasets: Sequence[Dataset], instance_labels: np.ndarr
         centroid = to_patient(voxels).mean(axis=0)
         diameters = axial_diameters(mask, spacing)
         slice_index = diameters.slice_index + int(offset[0])
+        location = None
+        if lung_box is not None:
+            padded = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
+            contact = lung_contact(instance_labels[padded] == number, lungs[padded], spacing)
+            location = lesion_location(centroid, contact, lung_box)
+        values = hu[box][mask]
         on_grid = lambda pair: [[round(float(c), 2) for c in np.add(p, offset)] for p in pair]  # noqa: E731
         records.append({
             "segment_number": number,
@@ -98,7 +123,11 @@ def lesion_records(source_datasets: Sequence[Dataset], instance_labels: np.ndarr
             "axial_slice_sop_instance_uid": str(source_datasets[slice_index].SOPInstanceUID),
             "long_axis_endpoints_voxel": on_grid(diameters.long_endpoints),
             "short_axis_endpoints_voxel": on_grid(diameters.short_endpoints),
-            "mean_hu": round(float(hu[box][mask].mean()), 1),
+            "longest_diameter_3d_mm": round(longest_diameter_3d(mask, spacing), 2),
+            "mean_hu": round(float(values.mean()), 1),
+            "sd_hu": round(float(values.std()), 1),
+            "max_hu": round(float(values.max()), 1),
+            "location": location,
             "score": round(float(score), 4),
             "voxel_count": len(voxels),
         })
@@ -175,50 +204,72 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_lesion_outputs(source_datasets: Sequence[Dataset], instance_labels: np.ndarray, scores: Sequence[float],
                          hu: np.ndarray, spacing: tuple[float, float, float], out_dir: str | Path, *,
-                         algorithm_name: str = "lesion_seg", algorithm_version: str = "0.1.0") -> list[dict]:
-    """Write `seg.dcm` (when there are lesions) and `lesions.json` into `out_dir`; return the lesion records."""
+                         lungs: np.ndarray | None = None, seg: bool = True, lesions_json: bool = True,
+                         algorithm_name: str = "lesion_seg", algorithm_version: str = "0.1.0") -> dict:
+    """Write `seg.dcm` (when switched on and there are lesions) and `lesions.json` (when switched on)
+    into `out_dir`; return the lesions.json document."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = lesion_records(source_datasets, instance_labels, scores, hu, spacing)
+    records = lesion_records(source_datasets, instance_labels, scores, hu, spacing, lungs)
     first = source_datasets[0]
     document = {
         "study_instance_uid": str(first.StudyInstanceUID),
         "series_instance_uid": str(first.SeriesInstanceUID),
         "frame_of_reference_uid": str(first.FrameOfReferenceUID),
         "seg": None,
+        "burden": recist_burden(records),
         "lesions": records,
     }
     seg_path = out_dir / SEG_FILE
-    if records:
-        seg = build_lesion_seg(source_datasets, instance_labels, records, algorithm_name, algorithm_version)
-        _write_atomically(seg_path, lambda p: seg.save_as(p, enforce_file_format=True))
-        document["seg"] = {"file": SEG_FILE, "series_instance_uid": str(seg.SeriesInstanceUID),
-                           "sop_instance_uid": str(seg.SOPInstanceUID)}
+    if seg and records:
+        dataset = build_lesion_seg(source_datasets, instance_labels, records, algorithm_name, algorithm_version)
+        _write_atomically(seg_path, lambda p: dataset.save_as(p, enforce_file_format=True))
+        document["seg"] = {"file": SEG_FILE, "sop_class_uid": str(dataset.SOPClassUID),
+                           "series_instance_uid": str(dataset.SeriesInstanceUID),
+                           "sop_instance_uid": str(dataset.SOPInstanceUID)}
     else:
-        seg_path.unlink(missing_ok=True)  # never leave a SEG from an earlier run beside an empty list
-    _write_atomically(out_dir / LESIONS_FILE, lambda p: p.write_text(json.dumps(document, indent=1)))
-    return records
+        seg_path.unlink(missing_ok=True)  # never leave a SEG from an earlier run beside this run's list
+    json_path = out_dir / LESIONS_FILE
+    if lesions_json:
+        _write_atomically(json_path, lambda p: p.write_text(json.dumps(document, indent=1)))
+    else:
+        json_path.unlink(missing_ok=True)
+    return document
+
+
+def full_grid_lungs(thorax: ThoraxCrop, shape: tuple[int, int, int]) -> np.ndarray:
+    """The thorax crop's lung mask placed on the whole series grid."""
+    lungs = np.zeros(shape, bool)
+    lungs[thorax.box] = thorax.lungs
+    return lungs
 
 
 class LesionSegWriterOperator(Operator):
-    """Writes the SEG and lesions.json into `output_folder` (ports in the module docstring)."""
+    """Writes the SEG and lesions.json into `output_folder` (ports in the module docstring); `seg` and
+    `lesions_json` switch the files on or off."""
 
-    def __init__(self, fragment: Fragment, *args, output_folder: str | Path,
-                 algorithm_name: str = "lesion_seg", algorithm_version: str = "0.1.0", **kwargs) -> None:
+    def __init__(self, fragment: Fragment, *args, output_folder: str | Path, seg: bool = True,
+                 lesions_json: bool = True, algorithm_name: str = "lesion_seg", algorithm_version: str = "0.1.0",
+                 **kwargs) -> None:
         self.output_folder = Path(output_folder)
+        self.switches = {"seg": seg, "lesions_json": lesions_json}
         self.algorithm_name = algorithm_name
         self.algorithm_version = algorithm_version
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
-        for name in ("source_datasets", "hu", "spacing", "instance_labels", "scores"):
+        for name in ("source_datasets", "hu", "spacing", "instance_labels", "scores", "thorax"):
             spec.input(name)
-        spec.output("lesions").condition(ConditionType.NONE)  # optional: may stay unconnected
+        for name in ("lesions", "document"):
+            spec.output(name).condition(ConditionType.NONE)  # optional: may stay unconnected
 
     @timed_compute
     def compute(self, op_input, op_output, context) -> None:
-        records = write_lesion_outputs(
-            op_input.receive("source_datasets"), op_input.receive("instance_labels"), op_input.receive("scores"),
-            op_input.receive("hu"), tuple(op_input.receive("spacing")), self.output_folder,
+        labels = op_input.receive("instance_labels")
+        document = write_lesion_outputs(
+            op_input.receive("source_datasets"), labels, op_input.receive("scores"), op_input.receive("hu"),
+            tuple(op_input.receive("spacing")), self.output_folder,
+            lungs=full_grid_lungs(op_input.receive("thorax"), labels.shape), **self.switches,
             algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version)
-        op_output.emit(records, "lesions")
+        op_output.emit(document["lesions"], "lesions")
+        op_output.emit(document, "document")

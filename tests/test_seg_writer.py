@@ -169,7 +169,7 @@ def test_seg_and_measurements_of_known_geometry(tmp_path, variant):
     labels, hu = series.labels[perm], series.hu[perm]
     scores = [0.9, 0.75, 0.6]
 
-    records = write_lesion_outputs(datasets, labels, scores, hu, series.spacing, tmp_path)
+    records = write_lesion_outputs(datasets, labels, scores, hu, series.spacing, tmp_path)["lesions"]
 
     assert sorted(p.name for p in tmp_path.iterdir()) == [LESIONS_FILE, SEG_FILE], "only final files remain"
     document = json.loads((tmp_path / LESIONS_FILE).read_text())
@@ -204,7 +204,7 @@ def test_no_lesions_writes_empty_list_and_no_seg(tmp_path):
     assert (tmp_path / SEG_FILE).exists()
 
     empty = np.zeros_like(series.labels)
-    assert write_lesion_outputs(series.datasets, empty, [], series.hu, series.spacing, tmp_path) == []
+    assert write_lesion_outputs(series.datasets, empty, [], series.hu, series.spacing, tmp_path)["lesions"] == []
 
     document = json.loads((tmp_path / LESIONS_FILE).read_text())
     assert document["lesions"] == [] and document["seg"] is None
@@ -235,7 +235,7 @@ def test_real_case_radiomics_lung1(tmp_path):
     spacing = (float(truth["spacing_mm"][0]), *map(float, datasets[0].PixelSpacing))
 
     records = write_lesion_outputs(datasets, labels, [0.8] * int(labels.max()), hu.astype(np.float32), spacing,
-                                   tmp_path)
+                                   tmp_path)["lesions"]
 
     _check_seg(tmp_path / SEG_FILE, datasets, labels, json.loads((tmp_path / LESIONS_FILE).read_text()))
     assert len(records) == len(truth["lesions"])
@@ -249,9 +249,13 @@ def test_operator_writes_outputs_in_an_application(tmp_path):
     from holoscan.conditions import CountCondition
     from monai.deploy.core import Application, Operator
 
+    from operators.thorax_crop import ThoraxCrop
+
     series = make_series([SPHERE], shape=(12, 48, 48))
+    whole = tuple(slice(0, n) for n in series.hu.shape)
     inputs = {"source_datasets": series.datasets, "hu": series.hu, "spacing": series.spacing,
-              "instance_labels": series.labels, "scores": [0.7]}
+              "instance_labels": series.labels, "scores": [0.7],
+              "thorax": ThoraxCrop(whole, np.ones(series.hu.shape, bool), series.labels == 0, 1.0)}
 
     class Feed(Operator):
         def setup(self, spec):
