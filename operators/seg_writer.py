@@ -148,8 +148,8 @@ def _segment_description(record: dict, algorithm: hd.AlgorithmIdentificationSequ
     )
 
 
-def _study_attributes_for_seg(dataset: Dataset) -> Dataset:
-    """`dataset`, or a repaired copy, whose patient/study attributes a SEG may copy as they are.
+def with_study_attributes(dataset: Dataset) -> Dataset:
+    """`dataset`, or a repaired copy, whose patient/study attributes a derived object (SEG, SR, PDF) may copy.
 
     Missing Type 2 attributes become present and empty; a Referenced Study Sequence with items that
     lack the macro's Type 1 attributes (seen in de-identified archives) is left out.
@@ -174,7 +174,7 @@ def build_lesion_seg(source_datasets: Sequence[Dataset], instance_labels: np.nda
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, version=algorithm_version, family=codes.DCM.ArtificialIntelligence)
     return hd.seg.Segmentation(
-        source_images=[_study_attributes_for_seg(source_datasets[0]), *source_datasets[1:]],
+        source_images=[with_study_attributes(source_datasets[0]), *source_datasets[1:]],
         pixel_array=instance_labels.astype(np.uint16, copy=False),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment_description(r, algorithm) for r in records],
