@@ -48,7 +48,7 @@ LESIONS_FILE = "lesions.json"
 SEG_SERIES_NUMBER = 901
 MANUFACTURER = "Lung lesion MAP"
 # Type 2 patient/study attributes that highdicom copies from the first source image and requires there.
-_TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                       "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
 
 
@@ -154,7 +154,7 @@ def with_study_attributes(dataset: Dataset) -> Dataset:
     Missing Type 2 attributes become present and empty; a Referenced Study Sequence with items that
     lack the macro's Type 1 attributes (seen in de-identified archives) is left out.
     """
-    missing = [keyword for keyword in _TYPE2_FROM_SOURCE if keyword not in dataset]
+    missing = [keyword for keyword in PATIENT_STUDY_KEYWORDS if keyword not in dataset]
     incomplete_study_reference = any(
         "ReferencedSOPClassUID" not in item or "ReferencedSOPInstanceUID" not in item
         for item in dataset.get("ReferencedStudySequence", []))
@@ -192,7 +192,7 @@ def build_lesion_seg(source_datasets: Sequence[Dataset], instance_labels: np.nda
     )
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write through `write(temporary path)` in the same folder, then rename onto `path`."""
     partial = path.with_name(f".{path.name}.partial")
     try:
@@ -223,7 +223,7 @@ def write_lesion_outputs(source_datasets: Sequence[Dataset], instance_labels: np
     seg_path = out_dir / SEG_FILE
     if seg and records:
         dataset = build_lesion_seg(source_datasets, instance_labels, records, algorithm_name, algorithm_version)
-        _write_atomically(seg_path, lambda p: dataset.save_as(p, enforce_file_format=True))
+        write_atomically(seg_path, lambda p: dataset.save_as(p, enforce_file_format=True))
         document["seg"] = {"file": SEG_FILE, "sop_class_uid": str(dataset.SOPClassUID),
                            "series_instance_uid": str(dataset.SeriesInstanceUID),
                            "sop_instance_uid": str(dataset.SOPInstanceUID)}
@@ -231,7 +231,7 @@ def write_lesion_outputs(source_datasets: Sequence[Dataset], instance_labels: np
         seg_path.unlink(missing_ok=True)  # never leave a SEG from an earlier run beside this run's list
     json_path = out_dir / LESIONS_FILE
     if lesions_json:
-        _write_atomically(json_path, lambda p: p.write_text(json.dumps(document, indent=1)))
+        write_atomically(json_path, lambda p: p.write_text(json.dumps(document, indent=1)))
     else:
         json_path.unlink(missing_ok=True)
     return document
