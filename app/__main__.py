@@ -1,4 +1,6 @@
-"""python app -i DICOM_DIR -o OUT_DIR [-m MODELS_DIR] (or HOLOSCAN_INPUT_PATH / _OUTPUT_PATH / _MODEL_PATH).
+"""python app -i DICOM_DIR -o OUT_DIR [-m MODELS_DIR] [--no-sr --no-pdf --no-png --no-report --no-seg --no-json ...]
+(or HOLOSCAN_INPUT_PATH / _OUTPUT_PATH / _MODEL_PATH). The output flags (operators.report_writer) win over
+app.yaml's `outputs` section; they are taken off the command line before the SDK reads it.
 
 Exit status: 0 done; 2 the study cannot be analysed (no usable chest CT series: the reason is the
 one line on stderr); 1 internal error (one line on stderr, traceback in the log). The log goes to
@@ -33,13 +35,15 @@ def main() -> int:
 
     from app import LungLesionApp
     from monai.deploy.core import parse_args
+    from operators.report_writer import split_output_flags
     from operators.volume import StudyError
 
+    output_flags, sys.argv[1:] = split_output_flags(sys.argv[1:])
     with contextlib.redirect_stderr(error_stream):
         parse_args(sys.argv)  # usage errors (e.g. no such input folder) on stderr, exit status 2, before any work
     start = time.perf_counter()
     try:
-        LungLesionApp().run()
+        LungLesionApp(output_flags=output_flags).run()
     except StudyError as error:
         print(f"cannot analyse this study: {error}", file=error_stream)
         return EXIT_CANNOT_ANALYSE
