@@ -1,5 +1,7 @@
 # make demo: set up .venv, generate a synthetic chest CT study, run the app on it, print the lesions.
 # make test: set up .venv (and dicom3tools), run the test suite.
+# make package: build the MAP image (Docker with buildx and access to nvcr.io), or where Docker is absent
+#   write and check its build context in build/map (deploy/package.py).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,9 +9,9 @@ DEMO := output/demo
 SEED ?= 7
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test
+.PHONY: demo test package
 
-$(VENV)/.ready: requirements.txt requirements-dev.txt
+$(VENV)/.ready: requirements.txt requirements-dev.txt requirements-package.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -27,3 +29,6 @@ demo: $(VENV)/.ready
 test: $(VENV)/.ready
 	command -v dciodvfy > /dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools; }
 	$(PY) -m pytest -q tests
+
+package: $(VENV)/.ready
+	$(PY) -m deploy.package
