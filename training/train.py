@@ -76,7 +76,7 @@ def augmentation(config: dict) -> list:
         mt.RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=config["patch_size"],
                                   pos=1, neg=1, num_samples=config["samples_per_volume"],
                                   image_key="image", image_threshold=0.05),
-        mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2)  # left-right,
+        mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),  # left-right
         mt.RandScaleIntensityd(keys="image", factors=0.05, prob=0.3),
         mt.RandShiftIntensityd(keys="image", offsets=0.02, prob=0.3),
         mt.RandGaussianNoised(keys="image", prob=0.2, std=0.01),
