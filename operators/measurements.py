@@ -57,7 +57,7 @@ def _hull_points(points_mm: np.ndarray) -> np.ndarray:
 
 
 def _slice_diameters(yx: np.ndarray, spacing_yx: np.ndarray):
-    """Longest diameter and longest perpendicular width of one slice's voxels (corner-to-corner extent)."""
+    """Longest diameter (corner to corner) and the longest chord perpendicular to it of one slice's voxels."""
     # Each voxel is a square: measure between its corners so a single voxel spans one pixel.
     corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
     pts = (yx[:, None, :] + corners[None]).reshape(-1, 2) * spacing_yx
@@ -67,52 +67,63 @@ def _slice_diameters(yx: np.ndarray, spacing_yx: np.ndarray):
     long_mm = float(dist[i, j])
     direction = (hull[j] - hull[i]) / max(long_mm, 1e-9)
     normal = np.array([-direction[1], direction[0]])
-    across = hull @ normal
-    k, m = int(np.argmin(across)), int(np.argmax(across))
-    short_mm = float(across[m] - across[k])
-    # Short axis end points: the extreme hull points, projected onto the line through the long axis midpoint.
-    mid = (hull[i] + hull[j]) / 2
-    along_mid = mid @ direction
-    short_a = normal * across[k] + direction * along_mid
-    short_b = normal * across[m] + direction * along_mid
+    # Short axis: the longest chord perpendicular to the long axis, over strips of pixels one pixel wide
+    # across the long axis (a hull width would overstate it when the long axis runs corner to corner).
+    centres = yx * spacing_yx
+    along, across = centres @ direction, centres @ normal
+    half_along, half_across = 0.5 * np.abs(direction) @ spacing_yx, 0.5 * np.abs(normal) @ spacing_yx
+    strip = np.floor((along - along.min()) / (2 * half_along)).astype(int)
+    low, high = np.full(strip.max() + 1, np.inf), np.full(strip.max() + 1, -np.inf)
+    np.minimum.at(low, strip, across - half_across)
+    np.maximum.at(high, strip, across + half_across)
+    k = int(np.argmax(high - low))
+    short_mm = float(high[k] - low[k])
+    at = along.min() + (2 * k + 1) * half_along
+    short_a, short_b = normal * low[k] + direction * at, normal * high[k] + direction * at
     to_voxel = lambda p: p / spacing_yx  # noqa: E731
     return long_mm, short_mm, (to_voxel(hull[i]), to_voxel(hull[j])), (to_voxel(short_a), to_voxel(short_b))
 
 
 def axial_diameters(mask: np.ndarray, spacing: tuple[float, float, float]) -> AxialDiameters:
-    """RECIST axial diameters of one lesion mask: the slice with the longest in-plane diameter wins."""
+    """RECIST axial diameters of one lesion mask: the slice with the longest in-plane diameter wins.
+
+    Slices whose longest diameter is within half a pixel of the longest (the same at this resolution)
+    tie; the tie goes to the slice nearest the lesion's centre, so the key slice runs through it.
+    """
     spacing_yx = np.asarray(spacing[1:], float)
-    best = None
-    for z in np.flatnonzero(mask.any(axis=(1, 2))):
-        yx = np.argwhere(mask[z]).astype(float)
-        long_mm, short_mm, long_pts, short_pts = _slice_diameters(yx, spacing_yx)
-        if best is None or long_mm > best[0]:
-            best = (long_mm, short_mm, int(z), long_pts, short_pts)
-    if best is None:
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    if not len(slices):
         return AxialDiameters(0.0, 0.0, -1, ((0, 0, 0), (0, 0, 0)), ((0, 0, 0), (0, 0, 0)))
-    long_mm, short_mm, z, long_pts, short_pts = best
+    measured = [(*_slice_diameters(np.argwhere(mask[z]).astype(float), spacing_yx), int(z)) for z in slices]
+    longest = max(m[0] for m in measured)
+    centre = np.average(slices, weights=mask[slices].sum(axis=(1, 2)))
+    tied = [m for m in measured if m[0] >= longest - spacing_yx.min() / 2]
+    long_mm, short_mm, long_pts, short_pts, z = min(tied, key=lambda m: abs(m[4] - centre))
     as_zyx = lambda pair: tuple((float(z), float(p[0]), float(p[1])) for p in pair)  # noqa: E731
     return AxialDiameters(long_mm, short_mm, z, as_zyx(long_pts), as_zyx(short_pts))
 
 
 def longest_diameter_3d(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """Longest 3D diameter of a mask in mm, between voxel corners like `axial_diameters`.
+    """Longest 3D diameter of a mask in mm: the longest distance between voxel centres plus one voxel's
+    extent along it (so a single voxel measures its own size).
 
-    Only surface voxels can hold the extremes, so the convex hull is taken over their corners.
+    Only surface voxels can hold the extremes, so the pairs are taken from their convex hull.
     """
     surface = mask & ~ndimage.binary_erosion(mask)
-    corners = np.array([[i, j, k] for i in (-0.5, 0.5) for j in (-0.5, 0.5) for k in (-0.5, 0.5)])
-    points = ((np.argwhere(surface)[:, None, :] + corners).reshape(-1, 3) * np.asarray(spacing, float))
+    points = np.argwhere(surface) * np.asarray(spacing, float)
     try:
         points = points[ConvexHull(points).vertices]
     except QhullError:  # flat or tiny: all points
         pass
     # Pairwise distances in blocks, so a large hull does not need a full distance matrix.
-    longest = 0.0
+    longest, ends = 0.0, (points[0], points[0])
     for start in range(0, len(points), 1024):
-        block = points[start:start + 1024]
-        longest = max(longest, float(np.sqrt(((block[:, None] - points[None]) ** 2).sum(-1).max())))
-    return longest
+        squared = ((points[start:start + 1024, None] - points[None]) ** 2).sum(-1)
+        i, j = np.unravel_index(np.argmax(squared), squared.shape)
+        if squared[i, j] > longest ** 2:
+            longest, ends = float(np.sqrt(squared[i, j])), (points[start + i], points[j])
+    direction = (ends[1] - ends[0]) / longest if longest else np.array([1.0, 0.0, 0.0])
+    return longest + float(np.abs(direction) @ np.asarray(spacing, float))
 
 
 LUNG_SHELL_MM = 5.0
