@@ -11,7 +11,8 @@ from operators.lesion_segmentation import extract_candidates, predict_lesion_pro
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, WindowedSoftTissue
 
-CONFIG = json.loads((REPO / "models" / "cascade_fp" / "model.json").read_text())
+MODEL_JSON = json.loads((REPO / "models" / "cascade_fp" / "model.json").read_text())
+CONFIG = {**MODEL_JSON, "stages": [s for s in MODEL_JSON["stages"] if s["type"] == "features"]}  # the feature stage alone
 SPACING = (2.0, 1.0, 1.0)
 SHAPE = (40, 160, 160)
 
@@ -60,7 +61,7 @@ def test_feature_stage_keeps_only_the_lesion():
 def test_unknown_stage_type_is_refused():
     hu, lungs, labels, _ = _scene()
     candidates = extract_candidates((labels > 0).astype(np.float32), 0.5, SPACING)
-    config = {"stages": [{"order": 1, "name": "cnn", "type": "torchscript"}]}
+    config = {"stages": [{"order": 1, "name": "svm", "type": "svm"}]}
     with pytest.raises(ValueError, match="not supported"):
         filter_candidates(candidates, hu, SPACING, ThoraxCrop((slice(0, 40),) * 3, lungs, lungs, 0.0), config)
 

@@ -1,0 +1,201 @@
+"""The learned cascade: multiscale patches, Hessian measures, candidate labels, training, export and stage order."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from operators.cascade_fp import filter_candidates, hessian_features, load_cascade, multiscale_patches, stage_probability
+from operators.lesion_segmentation import extract_candidates
+from operators.thorax_crop import ThoraxCrop
+from tests.conftest import REPO
+from training.mine_candidates import match_candidates
+from training.train_cascade import (MultiscaleCNN, Standardized, export_stage, threshold_for_retention, train_cnn,
+                                    train_feature_classifier)
+
+SPEC = {"fov_mm": [20, 40, 80], "size": 24, "intensity_window_hu": [-1000, 400]}
+FEATURE_STAGE = next(s for s in json.loads((REPO / "models" / "cascade_fp" / "model.json").read_text())["stages"]
+                     if s["type"] == "features")
+SPACING = (2.5, 0.8, 0.8)
+SHAPE = (32, 100, 100)
+CENTRE = 11.5  # the centre of a 24-voxel patch
+
+
+def _ball(centre, radius_mm, shape=SHAPE, spacing=SPACING):
+    grid = np.indices(shape).astype(float)
+    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius_mm ** 2
+
+
+def _tube(centre, radius_mm, axis, shape=SHAPE, spacing=SPACING):
+    grid = np.indices(shape).astype(float)
+    return sum(((g - c) * s) ** 2 for a, (g, c, s) in enumerate(zip(grid, centre, spacing)) if a != axis) <= radius_mm ** 2
+
+
+def _lung(shape=SHAPE, seed=0):
+    return np.random.default_rng(seed).normal(-850, 20, shape).astype(np.float32)
+
+
+def test_patches_are_centred_at_every_scale_also_at_the_border():
+    hu, labels = _lung(), np.zeros(SHAPE, np.int32)
+    places = [(16, 50, 40), (16, 50, 65), (2.5, 8, 20)]  # two neighbours 20 mm apart, one near two borders
+    for number, centre in enumerate(places, start=1):
+        ball = _ball(centre, 5.0)
+        hu[ball], labels[ball] = 40.0, number
+    patches = multiscale_patches(labels, hu, SPACING, SPEC)
+    assert patches.shape == (3, 3, 2, 24, 24, 24) and patches.dtype == np.float32
+    assert 0.0 <= patches.min() and patches.max() <= 1.0
+    for candidate in patches:
+        for scale, fov in zip(candidate, SPEC["fov_mm"]):
+            mask = scale[1]
+            assert np.allclose(np.average(np.indices(mask.shape), axis=(1, 2, 3), weights=np.broadcast_to(mask, (3,) + mask.shape)),
+                               CENTRE, atol=0.35)
+            if fov < 80:  # point samples 3.3 mm apart do not keep a 10 mm ball's volume
+                assert mask.sum() * (fov / 24) ** 3 == pytest.approx(4 / 3 * np.pi * 5.0 ** 3, rel=0.2)
+            assert scale[0, 12, 12, 12] > 0.7  # the lesion (40 HU) at the centre, lung (0.1) around
+    # The neighbour is in the first candidate's image at 80 mm (20 mm off-centre = 6 voxels) but not its mask.
+    assert patches[0, 2, 0, 12, 12, 17] > 0.7 and patches[0, 2, 1, 12, 12, 17] == 0.0
+    # Beyond the volume the border continues: the slices below the near-border candidate repeat slice 0.
+    assert np.allclose(patches[2, 2, 0, 0], patches[2, 2, 0, 1], atol=0.02)
+
+
+def test_hessian_measures_tell_a_sphere_from_a_tube():
+    hu, labels = _lung(), np.zeros(SHAPE, np.int32)
+    for number, shape in enumerate([_ball((16, 50, 30), 7.0), _tube((16, 50, 70), 2.5, axis=0)], start=1):
+        hu[shape], labels[shape] = 30.0, number
+    sphere, tube = hessian_features(multiscale_patches(labels, hu, SPACING, SPEC), SPEC)
+    for fov in (20, 40):
+        assert sphere[f"hessian_blob_{fov}mm"] > 0.6 > 0.2 > tube[f"hessian_blob_{fov}mm"]
+        assert tube[f"hessian_tube_{fov}mm"] > 0.6 > 0.2 > sphere[f"hessian_tube_{fov}mm"]
+    assert sphere["hessian_log_40mm"] > sphere["hessian_log_80mm"]  # a 14 mm blob answers most at 40 mm (sigma 5 mm)
+
+
+def test_candidate_labels_follow_the_metrics():
+    truth = np.zeros((10, 20, 20), np.int16)
+    truth[2:8, 2:8, 2:8] = 1  # 216 voxels
+    candidates = np.zeros_like(truth, np.int32)
+    candidates[3:7, 3:7, 3:7] = 1  # inside the lesion: Dice 2 * 64 / 280
+    candidates[7:10, 7:12, 7:12] = 2  # one corner voxel of the lesion: Dice below 0.1
+    candidates[0:2, 15:18, 15:18] = 3  # touches nothing
+    label, dice, lesion = match_candidates(candidates, truth, np.bincount(truth.ravel()), 3, boxes_only=False)
+    assert label.tolist() == [1, -1, 0] and lesion.tolist() == [1, 1, 0]
+    assert dice[0] == pytest.approx(2 * 64 / 280)
+    assert match_candidates(candidates, truth, np.bincount(truth.ravel()), 3, boxes_only=True)[0].tolist() == [1, 1, 0]
+
+
+def test_threshold_keeps_the_asked_share_of_true_candidates():
+    probabilities = np.linspace(0.01, 1.0, 100)
+    assert threshold_for_retention(probabilities, 0.98) == pytest.approx(0.03)  # 98 of 100 kept
+    assert threshold_for_retention(probabilities[:10], 0.98) == pytest.approx(0.01)  # 10: keep them all
+    assert (probabilities >= threshold_for_retention(probabilities, 0.9)).mean() >= 0.9
+
+
+def _synthetic_candidates(count: int, seed: int = 0):
+    """Patches and features of lesion-like spheres (label 1) and vessel-like tubes (label 0)."""
+    rng = np.random.default_rng(seed)
+    shape, spacing = (24, 64, 64), (2.0, 1.0, 1.0)
+    patches, labels = [], []
+    for n in range(count):
+        hu, mask = _lung(shape, seed + n), None
+        if n % 2:
+            mask = _ball((12, 32, 32), rng.uniform(5, 9), shape, spacing)
+        else:
+            mask = _tube((12, 32, 32), rng.uniform(1.5, 3), int(rng.integers(3)), shape, spacing)
+        hu[mask] = rng.uniform(-100, 60)
+        patches.append(multiscale_patches(mask.astype(np.int32), hu, spacing, SPEC)[0])
+        labels.append(n % 2)
+    patches = np.stack(patches)
+    features = np.array([[h[k] for k in sorted(h)] for h in hessian_features(patches, SPEC)], np.float32)
+    return patches, features, np.array(labels, np.float32)
+
+
+def test_tiny_cascade_training_lowers_the_loss():
+    patches, features, labels = _synthetic_candidates(24)
+    _, losses = train_feature_classifier(features, labels, steps=100)
+    assert losses[-1] < 0.5 * losses[0]
+    model, history = train_cnn(patches, labels, patches, labels.astype(np.int8), retention=0.98, epochs=12,
+                               batch=8, log=lambda line: None)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert isinstance(model, MultiscaleCNN)
+
+
+class _SizeGate(nn.Module):
+    """Probability from the long axis: sigmoid(long_axis_mm - 14)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x[:, 0] - 14.0)
+
+
+class _MaskShare(nn.Module):
+    """Probability = the candidate mask's share of the 20 mm patch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, 1].mean(dim=(1, 2, 3))
+
+
+def _save_stages(folder, stages_and_modules):
+    stages = []
+    for stage, module in stages_and_modules:
+        if module is not None:
+            torch.jit.save(torch.jit.script(module), str(folder / stage["file"]))
+        stages.append(stage)
+    (folder / "model.json").write_text(json.dumps({"name": "cascade_fp", "patches": SPEC, "stages": stages}))
+    return load_cascade(folder)
+
+
+def test_exported_stages_load_and_match_the_eager_models(tmp_path):
+    patches, features, _ = _synthetic_candidates(6)
+    torch.manual_seed(0)
+    cnn, mlp = MultiscaleCNN().eval(), Standardized(features.mean(0), features.std(0) + 1e-6).eval()
+    export_stage(cnn, torch.from_numpy(patches[:2]), tmp_path / "cnn.ts")
+    export_stage(mlp, torch.from_numpy(features[:2]), tmp_path / "mlp.ts")
+    names = sorted(hessian_features(patches[:1], SPEC)[0])
+    cascade = _save_stages(tmp_path, [
+        ({"order": 1, "name": "mlp", "type": "torchscript", "file": "mlp.ts", "input": "features",
+          "feature_names": names, "threshold": 0.5}, None),
+        ({"order": 2, "name": "cnn", "type": "torchscript", "file": "cnn.ts", "input": "patches", "threshold": 0.5}, None),
+    ])
+    with torch.no_grad():
+        eager_cnn, eager_mlp = cnn(torch.from_numpy(patches)).numpy(), mlp(torch.from_numpy(features)).numpy()
+    feature_dicts = [dict(zip(names, row.tolist())) for row in features]
+    assert np.allclose(stage_probability(cascade["stages"][1], feature_dicts, patches), eager_cnn, atol=1e-5)
+    assert np.allclose(stage_probability(cascade["stages"][0], feature_dicts, None), eager_mlp, atol=1e-5)
+
+
+def test_stages_run_in_order_and_the_score_is_the_last_probability(tmp_path):
+    hu, labels = _lung(), np.zeros(SHAPE, np.int32)
+    lungs = np.zeros(SHAPE, bool)
+    lungs[:, 5:95, 5:95] = True
+    radii = {(16, 30, 30): 4.0, (16, 30, 70): 6.0, (16, 70, 30): 9.0, (16, 70, 70): 8.0}  # 8, 12, 18, 16 mm
+    for centre, radius in radii.items():
+        ball = _ball(centre, radius)
+        hu[ball], labels[ball] = 30.0, 1
+    candidates = extract_candidates(labels.astype(np.float32), 0.5, SPACING)
+    # Listed last-first: the order field decides.
+    cascade = _save_stages(tmp_path, [
+        ({"order": 3, "name": "share", "type": "torchscript", "file": "share.ts", "input": "patches", "threshold": 0.2},
+         _MaskShare()),
+        ({"order": 2, "name": "size", "type": "torchscript", "file": "size.ts", "input": "features",
+          "feature_names": ["long_axis_mm"], "threshold": 0.5}, _SizeGate()),
+        (FEATURE_STAGE, None),
+    ])
+    result = filter_candidates(candidates, hu, SPACING, ThoraxCrop((slice(None),) * 3, hu > -500, lungs, 0.0), cascade)
+    by_size = sorted(result.features, key=lambda f: f["long_axis_mm"])
+    assert by_size[0]["dropped_by"] == "measured_features: size" and "size_probability" not in by_size[0]
+    assert by_size[1]["dropped_by"].startswith("size: probability") and "share_probability" not in by_size[1]
+    assert all("dropped_by" not in f and "hessian_blob_20mm" in f for f in by_size[2:])
+    kept = [k for k, f in enumerate(result.features) if "dropped_by" not in f]
+    shares = multiscale_patches(candidates.labels, hu, SPACING, SPEC, kept)[:, 0, 1].mean(axis=(1, 2, 3))
+    assert result.scores == pytest.approx(shares.tolist(), abs=1e-5)
+    assert [result.features[k]["share_probability"] for k in kept] == pytest.approx(result.scores)
+    assert result.labels.max() == 2
+
+
+def test_the_repository_cascade_loads():
+    cascade = load_cascade(REPO / "models" / "cascade_fp")
+    orders = [s["order"] for s in cascade["stages"]]
+    assert len(set(orders)) == len(orders) and cascade["stages"][0]["type"] == "features"
+    for stage in cascade["stages"]:
+        if stage["type"] == "torchscript":
+            assert 0.0 <= stage["threshold"] < 1.0 and isinstance(stage["module"], torch.jit.ScriptModule)

@@ -1,0 +1,279 @@
+"""Train the cascade's learned stages on mined candidates and export them to models/cascade_fp.
+
+    python -m training.train_cascade --train runs/cascade/mined/train --val runs/cascade/mined/val \
+        --out models/cascade_fp [--retention 0.98] [--minutes 6]
+
+Input: folders of training.mine_candidates .npz files (never the held-out seeds 3000+ or the real cases).
+Each stage sees the candidates that the earlier stages keep (stage 1, the hand-set feature stage,
+comes from OUT/model.json unchanged); candidates of label -1 (touching a lesion below Dice 0.1) are
+left out. Learned stages, in order of cost:
+- `feature_classifier`: a small MLP over measured features and the multiscale Hessian blob/tube
+  measures (standardisation inside the exported module);
+- `multiscale_cnn`: one small 3D CNN stream per patch scale (image + candidate mask channels), the
+  streams' pooled features joined by a small head; flips and in-plane transposes as augmentation.
+Both use class-balanced BCE (positive weight = false / true). The CNN keeps the epoch whose
+validation candidates give the fewest false positives at the retention threshold. Each stage's
+threshold is the highest that keeps >= `retention` of the true validation candidates reaching it.
+Writes OUT/<stage>.ts (TorchScript, probability [N]) and OUT/model.json (stages, thresholds, the
+training record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from operators.cascade_fp import run_stages
+
+FEATURE_STAGE_INPUTS = ["long_axis_mm", "short_axis_mm", "elongation", "mean_hu", "thorax_fraction",
+                        "max_probability", "mean_probability"]  # + every hessian_* measure of the patch spec
+
+
+class Standardized(nn.Module):
+    """Lesion probability [N] from features [N, F]: standardise, then a small MLP."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, hidden: int = 16):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.net = nn.Sequential(nn.Linear(len(mean), hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+def _stream(channels: int, width: int) -> nn.Sequential:
+    layers, inputs = [], channels
+    for k, outputs in enumerate((width, 2 * width, 4 * width)):
+        layers += [nn.Conv3d(inputs, outputs, 3, stride=2 if k == 0 else 1, padding=1), nn.BatchNorm3d(outputs),
+                   nn.ReLU(inplace=True)]
+        layers += [nn.MaxPool3d(2)] if k < 2 else [nn.AdaptiveAvgPool3d(1), nn.Flatten()]
+        inputs = outputs
+    return nn.Sequential(*layers)
+
+
+class MultiscaleCNN(nn.Module):
+    """Lesion probability [N] from patches [N, scales, channels, P, P, P]: one 3D CNN stream per scale."""
+
+    def __init__(self, scales: int = 3, channels: int = 2, width: int = 8):
+        super().__init__()
+        self.streams = nn.ModuleList([_stream(channels, width) for _ in range(scales)])
+        self.head = nn.Sequential(nn.Linear(scales * 4 * width, 32), nn.ReLU(inplace=True), nn.Dropout(0.3),
+                                  nn.Linear(32, 1))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([stream(x[:, s]) for s, stream in enumerate(self.streams)], dim=1))[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+def load_folders(folders: list[Path]) -> dict:
+    """All candidates of the mined .npz files in `folders`: features (dicts), patches (float16), labels."""
+    features, patches, labels, cases = [], [], [], []
+    for folder in folders:
+        for path in sorted(folder.glob("*.npz")):
+            with np.load(path) as stored:
+                names = [str(n) for n in stored["feature_names"]]
+                features += [dict(zip(names, map(float, row))) for row in stored["features"]]
+                patches.append(stored["patches"])
+                labels.append(stored["label"])
+                cases.append(path.stem)
+    return {"features": features, "patches": np.concatenate(patches), "labels": np.concatenate(labels),
+            "cases": cases}
+
+
+def threshold_for_retention(probabilities: np.ndarray, retention: float) -> float:
+    """The highest threshold (keep p >= threshold) that keeps >= `retention` of these true candidates."""
+    ordered = np.sort(probabilities)
+    return float(ordered[int(math.floor((1 - retention) * len(ordered) + 1e-9))]) if len(ordered) else 0.0
+
+
+def _balanced_loss(labels: np.ndarray) -> nn.BCEWithLogitsLoss:
+    positives = max(int(labels.sum()), 1)
+    return nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(labels) - positives) / positives, dtype=torch.float32))
+
+
+def train_feature_classifier(x: np.ndarray, y: np.ndarray, steps: int = 600, seed: int = 0) -> tuple[Standardized, list]:
+    """Full-batch Adam on standardised features; returns the model and its loss per step."""
+    torch.manual_seed(seed)
+    model = Standardized(x.mean(axis=0), x.std(axis=0) + 1e-6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    loss_fn, inputs, targets = _balanced_loss(y), torch.as_tensor(x), torch.as_tensor(y, dtype=torch.float32)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model.logits(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same random flips (z, y, x) and in-plane transpose for every scale and channel of each patch."""
+    out = batch.copy()
+    for n in range(len(out)):
+        for axis in (-3, -2, -1):
+            if rng.random() < 0.5:
+                out[n] = np.flip(out[n], axis)
+        if rng.random() < 0.5:
+            out[n] = np.swapaxes(out[n], -2, -1)
+    return out
+
+
+def predict(model: nn.Module, patches: np.ndarray, batch: int = 64) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        return np.concatenate([model(torch.from_numpy(patches[i:i + batch].astype(np.float32))).numpy()
+                               for i in range(0, len(patches), batch)] or [np.zeros(0, np.float32)])
+
+
+def false_kept(probabilities: np.ndarray, labels: np.ndarray, retention: float) -> float:
+    """Share of false candidates kept at the threshold that keeps `retention` of the true ones."""
+    threshold = threshold_for_retention(probabilities[labels == 1], retention)
+    return float((probabilities[labels == 0] >= threshold).mean()) if (labels == 0).any() else 0.0
+
+
+def train_cnn(patches: np.ndarray, y: np.ndarray, val_patches: np.ndarray, val_y: np.ndarray, retention: float,
+              epochs: int = 30, minutes: float = 6.0, batch: int = 32, seed: int = 0, log=print) -> tuple[MultiscaleCNN, list]:
+    """Train the multiscale CNN; keep the epoch with the fewest validation false positives at `retention`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = MultiscaleCNN(scales=patches.shape[1], channels=patches.shape[2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3)
+    loss_fn = _balanced_loss(y)
+    best, best_state, history, start = math.inf, None, [], time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order, losses = rng.permutation(len(y)), []
+        for i in range(0, len(order), batch):
+            index = np.sort(order[i:i + batch])
+            if len(index) < 2:  # batch norm needs two samples
+                continue
+            inputs = torch.from_numpy(augment(patches[index], rng).astype(np.float32))
+            optimizer.zero_grad()
+            loss = loss_fn(model.logits(inputs), torch.as_tensor(y[index], dtype=torch.float32))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        kept = false_kept(predict(model, val_patches), val_y, retention) if len(val_y) else 0.0
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_false_kept": kept})
+        if kept < best or best_state is None:
+            best, best_state = kept, {k: v.clone() for k, v in model.state_dict().items()}
+        log(f"  epoch {epoch}: loss {np.mean(losses):.4f}, validation false kept {kept:.3f} "
+            f"({time.perf_counter() - start:.0f} s)")
+        elapsed = time.perf_counter() - start
+        if elapsed * (epoch + 1) / epoch > minutes * 60:  # the next epoch would overrun
+            break
+    model.load_state_dict(best_state)
+    return model.eval(), history
+
+
+def export_stage(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """TorchScript (traced) next to model.json; refuses an export that differs from the eager model."""
+    model.eval()
+    with torch.no_grad():
+        scripted = torch.jit.trace(model, example)
+        if not torch.allclose(model(example), scripted(example), atol=1e-5):
+            raise RuntimeError(f"TorchScript output of {path.name} differs from the eager model")
+    tmp = path.with_name(path.name + ".tmp")
+    torch.jit.save(scripted, str(tmp))
+    tmp.replace(path)
+
+
+def _survivors(data: dict, stages: list[dict]) -> np.ndarray:
+    """Indices of the candidates that `stages` keep (features get "dropped_by" on fresh copies)."""
+    features = [{k: v for k, v in f.items() if k != "dropped_by"} for f in data["features"]]
+    run_stages(features, stages, lambda index: data["patches"][index])
+    return np.array([i for i, f in enumerate(features) if "dropped_by" not in f], np.int64)
+
+
+def _counts(labels: np.ndarray) -> dict:
+    return {"true": int((labels == 1).sum()), "false": int((labels == 0).sum()), "ambiguous": int((labels == -1).sum())}
+
+
+def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, retention: float = 0.98,
+                  minutes: float = 6.0, epochs: int = 30, log=print) -> dict:
+    cascade = json.loads((out / "model.json").read_text())
+    stages = [s for s in cascade["stages"] if s["type"] == "features"]
+    start = time.perf_counter()
+    train, val = load_folders(train_dirs), load_folders(val_dirs)
+    log(f"loaded {len(train['labels'])} training candidates {_counts(train['labels'])} from {len(train['cases'])} "
+        f"cases, {len(val['labels'])} validation {_counts(val['labels'])} from {len(val['cases'])} cases "
+        f"({time.perf_counter() - start:.0f} s)")
+    inputs = FEATURE_STAGE_INPUTS + sorted(k for k in train["features"][0] if k.startswith("hessian_"))
+    record = {"retention_target": retention, "train": {"folders": [str(d) for d in train_dirs],
+              "cases": len(train["cases"]), "candidates": _counts(train["labels"])},
+              "validation": {"folders": [str(d) for d in val_dirs], "cases": len(val["cases"]),
+                             "candidates": _counts(val["labels"])}, "stages": {}}
+    next_order = max(s["order"] for s in stages) + 1
+    for name in ("feature_classifier", "multiscale_cnn"):
+        stage_start = time.perf_counter()
+        index = [i for i in _survivors(train, stages) if train["labels"][i] >= 0]
+        val_index = np.array([i for i in _survivors(val, stages) if val["labels"][i] >= 0], np.int64)
+        y, val_y = train["labels"][index].astype(np.float32), val["labels"][val_index]
+        log(f"{name}: {len(index)} training candidates ({int(y.sum())} true), {len(val_index)} validation "
+            f"({int((val_y == 1).sum())} true)")
+        if min(y.sum(), len(y) - y.sum(), (val_y == 1).sum(), (val_y == 0).sum()) < 2:
+            raise ValueError(f"{name}: too few true or false candidates to train and set a threshold; mine more cases")
+        if name == "feature_classifier":
+            x = np.array([[train["features"][i][k] for k in inputs] for i in index], np.float32)
+            model, losses = train_feature_classifier(x, y)
+            val_x = np.array([[val["features"][i][k] for k in inputs] for i in val_index], np.float32)
+            with torch.inference_mode():
+                val_p = model(torch.as_tensor(val_x)).numpy()
+            example, history = torch.as_tensor(val_x[:4] if len(val_x) >= 4 else x[:4]), {"loss_first": losses[0],
+                                                                                             "loss_last": losses[-1]}
+            stage = {"input": "features", "feature_names": inputs}
+        else:
+            model, history = train_cnn(train["patches"][index], y, val["patches"][val_index], val_y, retention,
+                                       epochs=epochs, minutes=minutes, log=log)
+            val_p = predict(model, val["patches"][val_index])
+            example = torch.from_numpy(train["patches"][index[:4]].astype(np.float32))
+            stage = {"input": "patches"}
+        threshold = threshold_for_retention(val_p[val_y == 1], retention)
+        export_stage(model, example, out / f"{name}.ts")
+        stage = {"order": next_order, "name": name, "type": "torchscript", "file": f"{name}.ts", **stage,
+                 "threshold": round(threshold, 6)}
+        next_order += 1
+        stages.append({**stage, "module": torch.jit.load(str(out / f"{name}.ts"))})
+        kept_true, kept_false = (val_p[val_y == 1] >= threshold).mean(), (val_p[val_y == 0] >= threshold).mean()
+        record["stages"][name] = {"threshold": threshold, "validation_true_kept": float(kept_true),
+                                  "validation_false_kept": float(kept_false), "history": history,
+                                  "seconds": time.perf_counter() - stage_start}
+        log(f"{name}: threshold {threshold:.4f} keeps {kept_true:.3f} of true and {kept_false:.3f} of false "
+            f"validation candidates ({time.perf_counter() - stage_start:.0f} s)")
+    cascade["stages"] = [{k: v for k, v in s.items() if k != "module"} for s in stages]
+    cascade["training"] = record
+    (out / "model.json").write_text(json.dumps(cascade, indent=2) + "\n")
+    return record
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=Path, nargs="+", required=True, help="mined candidate folders")
+    parser.add_argument("--val", type=Path, nargs="+", required=True, help="mined folders for thresholds")
+    parser.add_argument("--out", type=Path, default=Path("models/cascade_fp"))
+    parser.add_argument("--retention", type=float, default=0.98, help="share of true candidates each stage keeps")
+    parser.add_argument("--minutes", type=float, default=6.0, help="CNN training time limit")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train_cascade(args.train, args.val, args.out, args.retention, args.minutes, args.epochs,
+                  log=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main()
