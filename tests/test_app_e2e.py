@@ -12,12 +12,15 @@ from tests.dicom_validation import assert_dciodvfy_clean
 
 
 def _check_outputs(output, source_datasets) -> tuple[list[dict], np.ndarray]:
-    """lesions.json and the SEG agree; the SEG passes dciodvfy and reads back on the source grid."""
+    """Every DICOM output passes dciodvfy; lesions.json and the SEG agree; the SEG reads back on the source grid."""
     document = json.loads((output / "lesions.json").read_text())
     lesions = document["lesions"]
+    dicom_files = sorted(output.glob("*.dcm"))
+    assert {p.name for p in dicom_files} == {"sr.dcm", "report_pdf.dcm"} | ({"seg.dcm"} if lesions else set())
+    for path in dicom_files:
+        assert_dciodvfy_clean(path)
     labels = np.zeros((len(source_datasets), 1, 1), np.int32)
     if lesions:
-        assert_dciodvfy_clean(output / "seg.dcm")
         labels = seg_labels(output / "seg.dcm", [str(d.SOPInstanceUID) for d in source_datasets])
         counts = np.bincount(labels.ravel(), minlength=len(lesions) + 1)[1:]
         assert list(counts) == [lesion["voxel_count"] for lesion in lesions]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from operators.report_writer import (PDF_DICOM_FILE, PDF_FILE, output_switches, 
 from operators.seg_writer import LESIONS_FILE, SEG_FILE, lesion_records, write_lesion_outputs
 from operators.sr_report import BURDEN_MEASUREMENTS, BURDEN_TRACKING_ID, LESION_MEASUREMENTS, SR_FILE, finding_site
 from operators.visual_report import DISCLAIMER
+from tests.conftest import REPO
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.test_seg_writer import make_series
 
@@ -321,3 +324,12 @@ def test_report_time_on_a_realistic_study(tmp_path):
     assert len(records) == 5 and len(written) == 1 + 2 + 6
     assert [r["location"]["region"] for r in records] == ["lung", "lung", "lung", "mediastinum", "lung"]
     assert measurements_s + reports_s <= REPORT_BUDGET_S
+
+
+def test_app_takes_output_flags_off_the_command_line(tmp_path, models_dir):
+    """The SDK never sees the output flags: an empty input ends as 'cannot analyse', not as a usage error."""
+    (tmp_path / "in").mkdir()
+    result = subprocess.run([sys.executable, "app", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                             "-m", str(models_dir), "--no-sr", "--no-report", "--png"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("cannot analyse this study"), result.stderr
