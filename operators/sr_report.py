@@ -86,10 +86,9 @@ def _lesion_group(record: dict, seg: dict, series_uid: str, source_by_uid: dict[
 
 def _seg_reference(document: dict) -> Dataset:
     """The SEG's identity, the evidence an SR needs for the instances it references."""
-    reference = Dataset()
-    reference.SOPClassUID, reference.SOPInstanceUID = document["seg"]["sop_class_uid"], document["seg"]["sop_instance_uid"]
-    reference.StudyInstanceUID = document["study_instance_uid"]
-    reference.SeriesInstanceUID = document["seg"]["series_instance_uid"]
+    seg, reference = document["seg"], Dataset()
+    reference.SOPClassUID, reference.SOPInstanceUID = seg["sop_class_uid"], seg["sop_instance_uid"]
+    reference.StudyInstanceUID, reference.SeriesInstanceUID = document["study_instance_uid"], seg["series_instance_uid"]
     return reference
 
 

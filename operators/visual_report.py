@@ -79,8 +79,9 @@ def _key_image(hu_slice: np.ndarray, mask: np.ndarray, record: dict, pixel_mm: t
     for axes in (whole, zoom):
         axes.set_axis_off()
     figure.text(0.5, 0.07, f"volume {record['volume_ml']:.2f} ml, longest 3D diameter "
-                f"{record['longest_diameter_3d_mm']:.1f} mm, HU mean {record['mean_hu']:.0f} (SD {record['sd_hu']:.0f}, "
-                f"max {record['max_hu']:.0f}), score {record['score']:.2f}", ha="center", fontsize=10)
+                f"{record['longest_diameter_3d_mm']:.1f} mm, HU mean {record['mean_hu']:.0f} "
+                f"(SD {record['sd_hu']:.0f}, max {record['max_hu']:.0f}), score {record['score']:.2f}",
+                ha="center", fontsize=10)
     return figure
 
 

@@ -190,7 +190,8 @@ def test_sr_reads_back_to_lesions_json(tmp_path):
 
     sr = hd.sr.srread(tmp_path / SR_FILE)
     source = series.datasets[0]
-    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber"):
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                    "AccessionNumber"):
         assert sr.get(keyword) == source.get(keyword), keyword
     assert sr.SeriesInstanceUID not in (source.SeriesInstanceUID, document["seg"]["series_instance_uid"])
     evidence = {uid for _, _, uid, _ in sr.get_evidence()}
@@ -281,7 +282,7 @@ def test_output_switches_from_config_and_command_line():
         output_switches({"dicom": True})
 
 
-def _realistic_study(n_slices=300, size=512, lesions=5):
+def _realistic_study(n_slices=300, size=512):
     """A 512 x 512 x 300 series (1 mm slices, 0.7 mm pixels) with two lungs and five lesions of 12 to 40 mm."""
     spacing = (1.0, 0.7, 0.7)
     datasets = make_series([], shape=(n_slices, 8, 8), pixel_mm=spacing[1:], table_step_mm=spacing[0]).datasets
@@ -294,10 +295,10 @@ def _realistic_study(n_slices=300, size=512, lesions=5):
     lungs[40:260, 100:420, 60:240] = lungs[40:260, 100:420, 272:452] = True
     labels = np.zeros(hu.shape, np.int32)
     for number, (z, y, x, radius) in enumerate([(80, 200, 150, 20), (150, 250, 350, 12), (220, 300, 120, 9),
-                                                (120, 230, 256, 10), (200, 180, 400, 6)][:lesions], 1):
-        box = tuple(slice(int(c - r / s) - 1, int(c + r / s) + 2) for c, r, s in zip((z, y, x), [radius] * 3, spacing))
-        inside = ellipsoid([b.stop - b.start for b in box], spacing,
-                           [(c - b.start) * s for c, b, s in zip((z, y, x), box, spacing)], (radius, radius * 0.7, radius))
+                                                (120, 230, 256, 10), (200, 180, 400, 6)], 1):
+        box = tuple(slice(int(c - radius / s) - 1, int(c + radius / s) + 2) for c, s in zip((z, y, x), spacing))
+        centre = (np.array((z, y, x)) - [b.start for b in box]) * spacing
+        inside = ellipsoid([b.stop - b.start for b in box], spacing, centre, (radius, radius * 0.7, radius))
         labels[box][inside] = number
         hu[box][inside] = rng.normal(30, 15, int(inside.sum()))
         lungs[box][inside] = False
