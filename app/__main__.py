@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent
-# operators/ sits beside app/ in the repository; in a MAP it is packaged into the app folder (--add),
+# operators/ sits beside app/ in the repository; in a MAP it is packaged into the app folder (deploy/package.py),
 # which is already sys.path[0]. Appended, so that `app` still names app/app.py.
 if (APP_DIR.parent / "operators").is_dir():
     sys.path.append(str(APP_DIR.parent))

@@ -78,9 +78,11 @@ def write_artifact_manifest(path: Path, holoscan_version: str) -> Path:
 
 
 def write_context(context: Path, models: Path, tag: str):
-    """Everything `monai-deploy package` writes before `docker buildx`; returns (builder, platforms, Dockerfile)."""
+    """Everything `monai-deploy package` writes before `docker buildx`; returns the packager's builder, the
+    platform and the Dockerfile's name."""
     try:
         from holoscan_cli.__main__ import parse_args, set_up_logging
+        from holoscan_cli.common.exceptions import HoloscanSdkError
         from holoscan_cli.common.sdk_utils import detect_holoscan_version
         from holoscan_cli.packager.arguments import PackagingArguments
         from holoscan_cli.packager.container_builder import PythonAppBuilder
@@ -95,14 +97,16 @@ def write_context(context: Path, models: Path, tag: str):
                            "--models", str(models), "--platform", PLATFORM, "--tag", tag, "--source", str(manifest),
                            "--sdk", "monai-deploy"])
         set_up_logging(None)
-        packaging = PackagingArguments(args, str(context))
+        try:
+            packaging = PackagingArguments(args, str(context))
+        except HoloscanSdkError as error:
+            raise PackageError(f"monai-deploy package: {error}") from error
         _create_app_manifest(packaging.application_manifest, str(context))
         _create_package_manifest(packaging.package_manifest, str(context))
         builder = PythonAppBuilder(packaging.build_parameters, str(context))
-        for platform in packaging.platforms:
-            builder._copy_supporting_files(platform)
-            dockerfile = builder._write_dockerfile(platform)
-    return builder, packaging.platforms, dockerfile
+        (platform,) = packaging.platforms
+        builder._copy_supporting_files(platform)
+        return builder, platform, Path(builder._write_dockerfile(platform)).name
 
 
 def _requirements(path: Path) -> list[str]:
@@ -163,7 +167,7 @@ def package(models: Path, out: Path, tag: str, context_only: bool = False) -> bo
     out.parent.mkdir(parents=True, exist_ok=True)
     context = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        builder, platforms, dockerfile = write_context(context, models.resolve(), tag)
+        builder, platform, dockerfile = write_context(context, models.resolve(), tag)
         check_context(context)
         if out.exists():
             shutil.rmtree(out)
@@ -173,10 +177,9 @@ def package(models: Path, out: Path, tag: str, context_only: bool = False) -> bo
     if context_only or not docker_usable():
         return False
     builder._temp_dir = str(out)  # the context moved
-    for platform in platforms:
-        result = builder._build_internal(str(out / Path(dockerfile).name), platform)
-        if not result.succeeded:
-            raise PackageError(f"docker build of {tag} failed: {result.error}")
+    result = builder._build_internal(str(out / dockerfile), platform)
+    if not result.succeeded:
+        raise PackageError(f"docker build of {tag} failed: {result.error}")
     return True
 
 
