@@ -43,7 +43,7 @@ def model_files(model_dir: Path) -> list[Path]:
     """model.json and every file it names (the network's `file`, learned cascade stages' `file`)."""
     config_path = model_dir / "model.json"
     if not config_path.is_file():
-        raise PackageError(f"model {model_dir.name}: no {config_path}")
+        return [config_path]
     config = json.loads(config_path.read_text())
     names = [config.get("file", "model.ts")] if model_dir.name == "lesion_seg" else []
     names += [stage["file"] for stage in config.get("stages", []) if "file" in stage]
@@ -54,7 +54,7 @@ def check_models(models: Path) -> None:
     for name in MODELS:
         missing = [path for path in model_files(models / name) if not path.is_file()]
         if missing:
-            raise PackageError(f"model {name}: {missing[0]} missing (export it first: python -m training.export)")
+            raise PackageError(f"model {name}: {missing[0]} missing (train and export it, or pass --models DIR)")
 
 
 def stage(folder: Path, models: Path) -> tuple[Path, Path]:
