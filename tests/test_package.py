@@ -33,14 +33,14 @@ def context(models_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory) -> Path:
-    """A small generated chest CT study (60 x 256 x 256, 5 mm slices) as DICOM."""
+    """A small generated chest CT study as DICOM: 60 x 256 x 256, 5 mm slices; lesions of 8, 15, 28, 34 mm."""
     from training.phantom import Scanner, generate_phantom
     from training.phantom_io import write_dicom_series
 
     scanner = Scanner(pixel_mm=1.2, slice_mm=5.0, rows=256, kernel="STANDARD", noise_sd=15.0, contrast=False,
                       signed_storage=False, circular_fov=False)
     folder = tmp_path_factory.mktemp("study") / "series"
-    write_dicom_series(generate_phantom(11, lesion_count=3, scanner=scanner, slices=60), folder)
+    write_dicom_series(generate_phantom(13, lesion_count=4, scanner=scanner, slices=60), folder)
     return folder
 
 
