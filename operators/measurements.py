@@ -85,20 +85,17 @@ def _slice_diameters(yx: np.ndarray, spacing_yx: np.ndarray):
 
 
 def axial_diameters(mask: np.ndarray, spacing: tuple[float, float, float]) -> AxialDiameters:
-    """RECIST axial diameters of one lesion mask: the slice with the longest in-plane diameter wins.
-
-    Slices whose longest diameter is within half a pixel of the longest (the same at this resolution)
-    tie; the tie goes to the slice nearest the lesion's centre, so the key slice runs through it.
-    """
+    """RECIST axial diameters of one lesion mask: the slice with the longest in-plane diameter wins."""
     spacing_yx = np.asarray(spacing[1:], float)
-    slices = np.flatnonzero(mask.any(axis=(1, 2)))
-    if not len(slices):
+    best = None
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        yx = np.argwhere(mask[z]).astype(float)
+        long_mm, short_mm, long_pts, short_pts = _slice_diameters(yx, spacing_yx)
+        if best is None or long_mm > best[0]:
+            best = (long_mm, short_mm, int(z), long_pts, short_pts)
+    if best is None:
         return AxialDiameters(0.0, 0.0, -1, ((0, 0, 0), (0, 0, 0)), ((0, 0, 0), (0, 0, 0)))
-    measured = [(*_slice_diameters(np.argwhere(mask[z]).astype(float), spacing_yx), int(z)) for z in slices]
-    longest = max(m[0] for m in measured)
-    centre = np.average(slices, weights=mask[slices].sum(axis=(1, 2)))
-    tied = [m for m in measured if m[0] >= longest - spacing_yx.min() / 2]
-    long_mm, short_mm, long_pts, short_pts, z = min(tied, key=lambda m: abs(m[4] - centre))
+    long_mm, short_mm, z, long_pts, short_pts = best
     as_zyx = lambda pair: tuple((float(z), float(p[0]), float(p[1])) for p in pair)  # noqa: E731
     return AxialDiameters(long_mm, short_mm, z, as_zyx(long_pts), as_zyx(short_pts))
 
