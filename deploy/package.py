@@ -155,8 +155,11 @@ def docker_usable() -> bool:
     """A Docker engine answers and buildx is installed."""
     if shutil.which("docker") is None:
         return False
-    return all(subprocess.run(["docker", *command], capture_output=True, timeout=60).returncode == 0
-               for command in (["info"], ["buildx", "version"]))
+    try:
+        return all(subprocess.run(["docker", *command], capture_output=True, timeout=60).returncode == 0
+                   for command in (["info"], ["buildx", "version"]))
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def package(models: Path, out: Path, tag: str, context_only: bool = False) -> bool:
