@@ -1,5 +1,5 @@
 """Measurements of known geometry, the TID 1500 SR, the visual report and its Encapsulated PDF, the output
-switches, and the time of all report outputs on a study of realistic size.
+switches, the time of all report outputs on a study of realistic size, and the reports on real archives' studies.
 
 Reference values come from the objects' geometry (ellipsoids of known size and in-plane rotation),
 not from the measuring code's own arithmetic.
@@ -22,12 +22,12 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from operators.measurements import lesion_location, recist_burden
-from operators.report_writer import (PDF_DICOM_FILE, PDF_FILE, output_switches, split_output_flags,
-                                     write_reports)
+from operators.report_writer import PDF_DICOM_FILE, PDF_FILE, output_switches, split_output_flags, write_reports
 from operators.seg_writer import LESIONS_FILE, SEG_FILE, lesion_records, write_lesion_outputs
 from operators.sr_report import BURDEN_MEASUREMENTS, BURDEN_TRACKING_ID, LESION_MEASUREMENTS, SR_FILE, finding_site
+from operators.thorax_crop import body_and_lung_masks
 from operators.visual_report import DISCLAIMER
-from tests.conftest import REPO
+from tests.conftest import REPO, hu_volume, read_series, real_case
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.test_seg_writer import make_series
 
@@ -336,3 +336,27 @@ def test_app_takes_output_flags_off_the_command_line(tmp_path, models_dir):
                              "-m", str(models_dir), "--no-sr", "--no-report", "--png"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.startswith("cannot analyse this study"), result.stderr
+
+
+@pytest.mark.parametrize("case", ["lidc0001", "radiomics_lung1", "petctdx_a0001"])
+def test_reports_on_real_cases(case, tmp_path):
+    """Every report output of a real archive's study (truth lesions as the lesions) passes dciodvfy and reads back."""
+    folder = real_case(case)
+    truth = json.loads((folder / "truth.json").read_text())
+    npz = np.load(folder / "truth.npz")
+    datasets = read_series(folder / "dicom", truth["series_uid"])
+    row = {uid: k for k, uid in enumerate(npz["sop_uids"])}
+    labels = npz["label"][[row[ds.SOPInstanceUID] for ds in datasets]].astype(np.int32)
+    hu = hu_volume(datasets)
+    spacing = (float(truth["spacing_mm"][0]), *map(float, datasets[0].PixelSpacing))
+    _, lungs = body_and_lung_masks(hu, spacing)
+
+    document = write_lesion_outputs(datasets, labels, [0.8] * int(labels.max()), hu, spacing, tmp_path, lungs=lungs)
+    write_reports(datasets, hu, labels, document, tmp_path)
+
+    assert sorted(p.name for p in tmp_path.glob("*.dcm")) == [PDF_DICOM_FILE, SEG_FILE, SR_FILE]
+    for path in tmp_path.glob("*.dcm"):
+        assert_dciodvfy_clean(path)
+    groups = hd.sr.srread(tmp_path / SR_FILE).content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_uid for g in groups] == [r["tracking_uid"] for r in document["lesions"]]
+    assert all(r["location"]["region"] in ("lung", "hilum", "mediastinum") for r in document["lesions"])
