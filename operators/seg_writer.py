@@ -47,9 +47,9 @@ SEG_FILE = "seg.dcm"
 LESIONS_FILE = "lesions.json"
 SEG_SERIES_NUMBER = 901
 MANUFACTURER = "Lung lesion MAP"
-# Type 2 patient/study attributes that highdicom copies from the first source image and requires there.
+# Type 2 patient/study attributes that derived objects copy from the first source image (highdicom requires them).
 PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                      "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+                          "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
 
 
 def _voxel_to_patient(source_datasets: Sequence[Dataset]) -> Callable[[np.ndarray], np.ndarray]:
