@@ -43,22 +43,30 @@ def read_dicom_series(folder: Path):
     series = {ds.SeriesInstanceUID for ds in slices}
     if len(series) > 1:
         raise InputError(f"{folder} holds {len(series)} image series; point --input at a folder with one")
+    hu, spacing, origin, _ = series_volume(slices, str(folder))
+    return hu, spacing, origin
+
+
+def series_volume(slices: list, where: str):
+    """(HU float32 [z, y, x], spacing (z, y, x), origin LPS, SOP Instance UIDs in slice order) of one
+    series' image datasets, sorted along the slice normal."""
     orientation = np.asarray(slices[0].ImageOrientationPatient, float)
     normal = np.cross(orientation[:3], orientation[3:])
-    slices.sort(key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
+    slices = sorted(slices, key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
     positions = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, float)) for ds in slices])
     if len({(ds.Rows, ds.Columns) for ds in slices}) > 1:
-        raise InputError(f"slices of different sizes in {folder}")
+        raise InputError(f"slices of different sizes in {where}")
     if len(slices) < 2 or np.min(np.diff(positions)) <= 0:
-        raise InputError(f"{folder}: need at least two slices at distinct positions")
+        raise InputError(f"{where}: need at least two slices at distinct positions")
     try:
         hu = np.stack([ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1))
                        + float(getattr(ds, "RescaleIntercept", 0)) for ds in slices])
     except (ValueError, RuntimeError, NotImplementedError) as error:
-        raise InputError(f"cannot decode the pixel data in {folder}: {error}".splitlines()[0])
+        raise InputError(f"cannot decode the pixel data in {where}: {error}".splitlines()[0])
     row_mm, col_mm = (float(v) for v in slices[0].PixelSpacing)
     spacing = (float(np.median(np.diff(positions))), row_mm, col_mm)
-    return hu, spacing, tuple(float(v) for v in slices[0].ImagePositionPatient)
+    origin = tuple(float(v) for v in slices[0].ImagePositionPatient)
+    return hu, spacing, origin, [str(ds.SOPInstanceUID) for ds in slices]
 
 
 def read_ct(path: Path):
