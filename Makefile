@@ -2,6 +2,8 @@
 # make test: set up .venv (and dicom3tools), run the test suite.
 # make package: build the MAP image (Docker with buildx and access to nvcr.io), or where Docker is absent
 #   write and check its build context in build/map (deploy/package.py).
+# make evaluate: the shipped lesion_seg model alone on 30 held-out phantoms and the shared real cases
+#   (metrics in runs/eval/*/metrics.json, FROC plots, pictures of misses and false positives).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +11,7 @@ DEMO := output/demo
 SEED ?= 7
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test package
+.PHONY: demo test package evaluate
 
 $(VENV)/.ready: requirements.txt requirements-dev.txt requirements-package.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +34,14 @@ test: $(VENV)/.ready
 
 package: $(VENV)/.ready
 	$(PY) -m deploy.package
+
+REAL ?= ../shared/data/real
+evaluate: $(VENV)/.ready
+	$(PY) -m training.make_dataset --out data/heldout --count 30 --first-seed 3000
+	$(PY) -m training.predict --images data/heldout/imagesTr --out runs/pred/heldout
+	$(PY) -m training.evaluate --pred runs/pred/heldout --truth data/heldout/labelsTr --out runs/eval/heldout
+	$(PY) -m training.real_cases --real $(REAL) --out data/real
+	$(PY) -m training.predict --images data/real/images --out runs/pred/real
+	$(PY) -m training.evaluate --pred runs/pred/real --truth data/real/labels --out runs/eval/real --boxes-only petctdx_a0001
+	$(PY) -m training.render_failures --images data/real/images --truth data/real/labels --pred runs/pred/real \
+		--out runs/failures/real

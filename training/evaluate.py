@@ -59,7 +59,7 @@ def select_cases(pred_dir: Path, truth_dir: Path, only_predicted: bool) -> list[
     return cases
 
 
-def evaluate_folder(pred_dir: Path, truth_dir: Path, min_diameter_mm: float = 10.0, boxes_only: bool = False,
+def evaluate_folder(pred_dir: Path, truth_dir: Path, min_diameter_mm: float = 10.0, boxes_only: bool | set = False,
                     only_predicted: bool = False, log=print) -> tuple[list, dict]:
     cases = select_cases(pred_dir, truth_dir, only_predicted)
     results = []
@@ -71,7 +71,8 @@ def evaluate_folder(pred_dir: Path, truth_dir: Path, min_diameter_mm: float = 10
         if pred.shape != truth.shape or not np.allclose(pred_spacing, spacing, rtol=1e-3):
             raise EvaluationError(f"{case}: prediction grid {pred.shape} {pred_spacing} differs from truth grid "
                                   f"{truth.shape} {spacing}")
-        result = evaluate_case(pred, truth, spacing, _scores(pred_dir / f"{case}.json"), boxes_only=boxes_only,
+        result = evaluate_case(pred, truth, spacing, _scores(pred_dir / f"{case}.json"),
+                               boxes_only=case in boxes_only if isinstance(boxes_only, set) else boxes_only,
                                min_diameter_mm=min_diameter_mm, name=case)
         results.append(result)
         dice = "-" if result.case_dice is None else f"{result.case_dice:.3f}"
@@ -105,22 +106,25 @@ def main(argv=None) -> None:
     parser.add_argument("--truth", type=Path, required=True, help="folder of truth <case>.nii.gz instance labels")
     parser.add_argument("--out", type=Path, help="folder for metrics.json and froc.png")
     parser.add_argument("--min-diameter-mm", type=float, default=10.0, help="smallest measurable lesion (RECIST)")
-    parser.add_argument("--boxes-only", action="store_true", help="truth labels are filled boxes: no Dice")
+    parser.add_argument("--boxes-only", nargs="*", metavar="CASE",
+                        help="truth labels are filled boxes (no Dice): for all cases, or only the cases named")
     parser.add_argument("--only-predicted", action="store_true", help="evaluate only the cases that have predictions")
     args = parser.parse_args(argv)
     for folder in (args.pred, args.truth):
         if not folder.is_dir():
             sys.exit(f"error: {folder} is not a folder")
     try:
-        results, summary = evaluate_folder(args.pred, args.truth, args.min_diameter_mm, args.boxes_only,
+        boxes_only = set(args.boxes_only) if args.boxes_only else args.boxes_only is not None  # names, all or none
+        results, summary = evaluate_folder(args.pred, args.truth, args.min_diameter_mm, boxes_only,
                                            args.only_predicted)
     except EvaluationError as error:
         sys.exit(f"error: {error}")
     print(format_summary(summary))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
+        boxes_note = sorted(boxes_only) if isinstance(boxes_only, set) else boxes_only
         (args.out / "metrics.json").write_text(json.dumps(
-            {"summary": summary, "min_diameter_mm": args.min_diameter_mm, "boxes_only": args.boxes_only,
+            {"summary": summary, "min_diameter_mm": args.min_diameter_mm, "boxes_only": boxes_note,
              "cases": [asdict(result) for result in results]}, indent=1))
         plot_froc(summary, args.out / "froc.png")
         print(f"wrote {args.out / 'metrics.json'} and {args.out / 'froc.png'}")
