@@ -206,7 +206,7 @@ def jobs(args, patch_spec: dict) -> list[tuple]:
     cases_json = args.images.parent / "cases.json"
     boxes_only = {name: case.get("boxes_only", False) for name, case in
                   (json.loads(cases_json.read_text()).items() if cases_json.is_file() else [])}
-    names = sorted(p.name[:-len(SUFFIX)] for p in args.images.glob("*" + SUFFIX))
+    names = sorted(p.name[:-len(SUFFIX)] for p in args.images.glob("*" + SUFFIX))[:args.limit]
     return [(name, (args.images / f"{name}{SUFFIX}", args.labels / f"{name}{SUFFIX}", boxes_only.get(name, False)),
              args.out, patch_spec) for name in names if (args.labels / f"{name}{SUFFIX}").is_file()]
 
@@ -218,6 +218,7 @@ def main(argv=None) -> None:
     source.add_argument("--images", type=Path, help="folder of <case>.nii.gz HU volumes (with --labels)")
     parser.add_argument("--labels", type=Path, help="folder of <case>.nii.gz truth instance labels")
     parser.add_argument("--slices", type=int, help="phantom length in slices (default: the whole thorax)")
+    parser.add_argument("--limit", type=int, help="only the first LIMIT cases of --images (by name)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seg-model", type=Path, default=REPO / "models" / "lesion_seg")
     parser.add_argument("--cascade", type=Path, default=REPO / "models" / "cascade_fp", help="for its patch spec")

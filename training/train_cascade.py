@@ -4,9 +4,10 @@
         --out models/cascade_fp [--retention 0.98] [--minutes 6]
 
 Input: folders of training.mine_candidates .npz files (never the held-out seeds 3000+ or the real cases).
-Each stage sees the candidates that the earlier stages keep (stage 1, the hand-set feature stage,
-comes from OUT/model.json unchanged); candidates of label -1 (touching a lesion below Dice 0.1) are
-left out. Learned stages, in order of cost:
+Stage 1, the hand-set feature stage, comes from OUT/model.json unchanged. Every learned stage learns
+from all training candidates that stage 1 keeps (more examples than its own input), and its threshold
+is set on the validation candidates that all earlier stages keep; candidates of label -1 (touching a
+lesion below Dice 0.1) are left out. Learned stages, in order of cost:
 - `feature_classifier`: a small MLP over measured features and the multiscale Hessian blob/tube
   measures (standardisation inside the exported module);
 - `multiscale_cnn`: one small 3D CNN stream per patch scale (image + candidate mask channels), the
@@ -203,8 +204,11 @@ def _counts(labels: np.ndarray) -> dict:
     return {"true": int((labels == 1).sum()), "false": int((labels == 0).sum()), "ambiguous": int((labels == -1).sum())}
 
 
+LEARNED_STAGES = ("feature_classifier", "multiscale_cnn")
+
+
 def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, retention: float = 0.98,
-                  minutes: float = 6.0, epochs: int = 30, log=print) -> dict:
+                  minutes: float = 6.0, epochs: int = 30, learned=LEARNED_STAGES, log=print) -> dict:
     cascade = json.loads((out / "model.json").read_text())
     stages = [s for s in cascade["stages"] if s["type"] == "features"]
     start = time.perf_counter()
@@ -218,9 +222,10 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
               "validation": {"folders": [str(d) for d in val_dirs], "cases": len(val["cases"]),
                              "candidates": _counts(val["labels"])}, "stages": {}}
     next_order = max(s["order"] for s in stages) + 1
-    for name in ("feature_classifier", "multiscale_cnn"):
+    train_index = _survivors(train, stages)  # every learned stage learns from all that the feature stage keeps
+    for name in learned:
         stage_start = time.perf_counter()
-        index = [i for i in _survivors(train, stages) if train["labels"][i] >= 0]
+        index = [i for i in train_index if train["labels"][i] >= 0]
         val_index = np.array([i for i in _survivors(val, stages) if val["labels"][i] >= 0], np.int64)
         y, val_y = train["labels"][index].astype(np.float32), val["labels"][val_index]
         log(f"{name}: {len(index)} training candidates ({int(y.sum())} true), {len(val_index)} validation "
@@ -269,9 +274,11 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=6.0, help="CNN training time limit")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stages", nargs="+", choices=LEARNED_STAGES, default=list(LEARNED_STAGES),
+                        help="learned stages to train, in cascade order")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_cascade(args.train, args.val, args.out, args.retention, args.minutes, args.epochs,
+    train_cascade(args.train, args.val, args.out, args.retention, args.minutes, args.epochs, args.stages,
                   log=lambda line: print(line, flush=True))
 
 
