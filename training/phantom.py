@@ -122,6 +122,39 @@ def _ellipse(canvas: _Canvas, cx, cy, ax, ay, power=2.0):
     return np.clip(0.5 + (1 - r) / edge, 0, 1).astype(np.float32)
 
 
+def _ellipsoid(canvas: _Canvas, centre_zyx, radii_zyx) -> np.ndarray:
+    """Soft 3D ellipsoid membership."""
+    r = sum(((axis - c) / a) ** 2 for axis, c, a in zip((canvas.z, canvas.y, canvas.x), centre_zyx, radii_zyx))
+    return np.clip(0.5 + (1 - np.sqrt(r)) * min(radii_zyx) / COARSE_MM, 0, 1).astype(np.float32)
+
+
+def _abdomen(rng, canvas: _Canvas, region: np.ndarray, z_top, cy, half_x, half_y, contrast: bool) -> None:
+    """Upper abdominal organs under the domes, which real chest CT includes and lesion models mistake for
+    masses: liver (right), spleen (left, posterior), stomach with gas and fluid (left, anterior), kidneys,
+    bowel gas, all in fat."""
+    u = rng.uniform
+    enhance = u(50, 90) if contrast else 0.0
+    canvas.paint(region, u(-110, -70))  # retroperitoneal and omental fat
+    organs = [  # centre (z, y, x) mm, radii (z, y, x) mm, HU
+        ((z_top - 20, cy, -half_x * 0.3), (u(100, 130), half_y * 1.05, half_x * 0.8), u(50, 65) + enhance),  # liver
+        ((z_top - u(30, 50), cy + half_y * 0.5, half_x * 0.7), (u(45, 60), u(30, 40), u(18, 25)), u(40, 50) + enhance),
+        ((z_top - u(90, 120), cy + half_y * 0.55, -u(55, 70)), (u(45, 55), u(22, 28), u(25, 32)), 35 + 2.5 * enhance),
+        ((z_top - u(90, 120), cy + half_y * 0.55, u(55, 70)), (u(45, 55), u(22, 28), u(25, 32)), 35 + 2.5 * enhance),
+    ]
+    for centre, radii, hu in organs:
+        canvas.paint(_ellipsoid(canvas, centre, radii) * region, hu)
+    stomach_centre = np.array([z_top - u(30, 50), cy - half_y * 0.25, half_x * 0.35])
+    stomach_radii = np.array([u(40, 55), u(30, 45), u(35, 50)])
+    canvas.paint(_ellipsoid(canvas, stomach_centre, stomach_radii) * region, u(30, 50))  # wall
+    lumen = _ellipsoid(canvas, stomach_centre, stomach_radii - 4) * region
+    gas_level = stomach_centre[1] + u(-0.6, 0.3) * stomach_radii[1]  # gas rises anteriorly (smaller y)
+    canvas.paint(lumen * (canvas.y < gas_level), -1000.0)
+    canvas.paint(lumen * (canvas.y >= gas_level), u(0, 25))
+    for _ in range(rng.integers(2, 7)):  # bowel gas
+        centre = (z_top - u(40, 140), cy - half_y * u(0, 0.6), u(-1, 1) * half_x * 0.6)
+        canvas.paint(_ellipsoid(canvas, centre, (u(8, 20), u(8, 20), u(10, 30))) * region, -1000.0)
+
+
 def _smooth_field(rng, shape, scale_vox, amplitude):
     """Smooth random texture: Gaussian noise on a lattice `scale_vox` apart, resized trilinearly."""
     coarse = [max(int(n / scale_vox), 2) for n in shape]
@@ -217,7 +250,7 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
     )
     below = np.clip(0.5 + (dome - z) / COARSE_MM, 0, 1)
     cavity = _ellipse(canvas, 0, cy + 3, cav_ax, cav_ay, 2.3)
-    canvas.paint(cavity * below, np.where(x < 20, 58.0, 35.0) + np.zeros_like(z))
+    _abdomen(rng, canvas, cavity * below, z_base + dome_h, cy, float(np.max(cav_ax)), cav_ay, contrast)
 
     # Ribs: inclined bands of bone in the chest wall; cartilage anteriorly.
     wall = _ellipse(canvas, 0, cy, cav_ax + muscle * 0.6, cav_ay + muscle * 0.6, 2.2) * (1 - cavity)
@@ -268,6 +301,18 @@ def _anatomy(rng: np.random.Generator, shape, spacing, origin, contrast: bool):
     canvas.tube((arch_z, cy - cav_ay * 0.3, 5), (arch_z + 8, cy, 12), ao_r, ao_r, blood)
     canvas.tube((arch_z + 8, cy, 12), (arch_z, desc[0], desc[1]), ao_r, ao_r, blood)
     canvas.tube((arch_z, desc[0], desc[1]), (z_base - 40, desc[0] - 5, desc[1] - 8), ao_r * 0.9, ao_r * 0.8, blood)
+    # Arch branches and the veins of the thoracic inlet, and the clavicles: real apices are full of them.
+    arch_top = np.array([arch_z + 8 + ao_r * 0.7, cy - 5, 8.0])
+    for dx, r in ((-u(12, 20), u(5, 7)), (0.0, u(3.5, 5)), (u(10, 16), u(4, 5.5))):
+        canvas.tube(arch_top + (0, 0, dx), (z_apex + 60, cy - u(5, 20), dx * u(2, 3.5)), r, r * 0.85, blood)
+    vein = blood if contrast and rng.random() < 0.5 else 40.0
+    canvas.tube((arch_z - 5, cy - cav_ay * 0.35, -u(22, 30)), (z_apex + 60, cy - cav_ay * 0.2, -u(40, 60)), u(6, 9), 6,
+                vein)
+    canvas.tube((arch_z + 10, cy - cav_ay * 0.45, -20), (z_apex + 25, cy - cav_ay * 0.5, u(40, 60)), u(4, 6), 4, vein)
+    clavicle_z = z_apex + u(-5, 15)
+    for side in (-1, 1):
+        canvas.tube((clavicle_z - 10, cy - cav_ay - 5, side * 15), (clavicle_z + 10, cy - cav_ay * 0.3, side * body_ax * 0.8),
+                    u(7, 9), 6, 600.0)
     hilum_z = (arch_z + hz) / 2
     trunk_top = (hilum_z, cy - 20, 8)
     canvas.tube((hz + 30, hy - 10, hx - 10), trunk_top, 13, 12, blood)
