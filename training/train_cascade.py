@@ -250,7 +250,7 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
         threshold = threshold_for_retention(val_p[val_y == 1], retention)
         export_stage(model, example, out / f"{name}.ts")
         stage = {"order": next_order, "name": name, "type": "torchscript", "file": f"{name}.ts", **stage,
-                 "threshold": round(threshold, 6)}
+                 "threshold": threshold}
         next_order += 1
         stages.append({**stage, "module": torch.jit.load(str(out / f"{name}.ts"))})
         kept_true, kept_false = (val_p[val_y == 1] >= threshold).mean(), (val_p[val_y == 0] >= threshold).mean()
