@@ -16,33 +16,27 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from training.insert_lesions import series_volume
 from training.nifti import write_nifti
 
 
-def _truth_series(folder: Path, series_uid: str, sop_uids) -> list[pydicom.Dataset]:
-    by_uid = {}
+def _series_datasets(folder: Path, series_uid: str) -> list[pydicom.Dataset]:
+    datasets = []
     for path in sorted((folder / "dicom").rglob("*")):
         if path.is_file():
             ds = pydicom.dcmread(path, force=True)
             if ds.get("SeriesInstanceUID") == series_uid:
-                by_uid[ds.SOPInstanceUID] = ds
-    return [by_uid[str(uid)] for uid in sop_uids]
+                datasets.append(ds)
+    return datasets
 
 
 def real_case_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], tuple, bool]:
     """(hu, truth labels, spacing zyx, origin LPS, boxes_only) of one real case, ascending z."""
     truth = json.loads((folder / "truth.json").read_text())
     stored = np.load(folder / "truth.npz")
-    labels = stored["label"].astype(np.int16)
-    datasets = _truth_series(folder, truth["series_uid"], stored["sop_uids"])
-    hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])
-    z = np.array([float(ds.ImagePositionPatient[2]) for ds in datasets])
-    order = np.argsort(z)
-    hu, labels, z = hu[order].astype(np.float32), labels[order], z[order]
-    dy, dx = (float(v) for v in datasets[0].PixelSpacing)
-    spacing = (float(np.median(np.diff(z))), dy, dx)
-    first = datasets[order[0]]
-    origin = tuple(float(v) for v in first.ImagePositionPatient)
+    hu, spacing, origin, sop_uids = series_volume(_series_datasets(folder, truth["series_uid"]), folder.name)
+    row = {str(uid): k for k, uid in enumerate(stored["sop_uids"])}
+    labels = stored["label"][[row[uid] for uid in sop_uids]].astype(np.int16)
     return hu, labels, spacing, origin, bool(truth.get("boxes_only", False))
 
 
