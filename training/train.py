@@ -2,6 +2,7 @@
 
     python -m training.train --data data/phantoms --run runs/lesion_seg             # CPU preset
     python -m training.train --data data/phantoms --run runs/lesion_seg --preset gpu
+    python -m training.train ... --max-minutes 6                                     # wall-clock budget
     python -m training.train ... --resume                                            # continue
 
 dataset.json lists {"image", "label"} pairs under "training" (and optionally "validation");
@@ -26,15 +27,18 @@ from monai.networks.nets import DynUNet
 
 log = logging.getLogger("train")
 
+# Working grid (z, y, x) mm, window and network are part of the model: they go to model.json on export.
+# Both presets train the same network, sized so that inference meets its time budget on a 2-core CPU;
+# the GPU preset sees far more (and larger) patches.
+MODEL = dict(spacing_mm=[2.0, 1.5, 1.5], intensity_window_hu=[-1000, 500], filters=[16, 32, 64, 128, 160])
 PRESETS = {
-    # Working grid (z, y, x) mm and window are part of the model: they go to model.json on export.
-    "cpu": dict(spacing_mm=[2.0, 1.5, 1.5], intensity_window_hu=[-1000, 500], patch_size=[48, 64, 64],
-                filters=[16, 32, 64, 128, 160], batch_size=2, samples_per_volume=2, iterations=1400,
-                learning_rate=2e-3, validate_every=350, threads=2),
-    "gpu": dict(spacing_mm=[2.0, 1.5, 1.5], intensity_window_hu=[-1000, 500], patch_size=[64, 96, 96],
-                filters=[32, 64, 128, 256, 320], batch_size=8, samples_per_volume=4, iterations=20000,
-                learning_rate=2e-3, validate_every=1000, threads=8),
+    "cpu": dict(MODEL, patch_size=[48, 64, 64], batch_size=2, samples_per_volume=2, iterations=1400,
+                learning_rate=2e-3, validate_every=350, threads=2, loader_workers=0),
+    "gpu": dict(MODEL, patch_size=[64, 128, 128], batch_size=8, samples_per_volume=2, iterations=20000,
+                learning_rate=2e-3, validate_every=250, threads=16, loader_workers=12),
 }
+MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
+BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion of the case
 
 
 def build_network(config: dict) -> DynUNet:
@@ -51,9 +55,9 @@ def _xyz(zyx):
 
 
 def preprocessing(config: dict) -> list:
-    """Deterministic steps: load, orient like the app's volumes (LPS), resample, window, binarise labels.
+    """Deterministic steps: load, orient like the app's volumes (LPS), resample, window, crop to the body.
 
-    The result is [channel, z, y, x], the app's axis order.
+    The result is [channel, z, y, x], the app's axis order; labels stay instance labels.
     """
     low, high = config["intensity_window_hu"]
     return [
@@ -62,20 +66,29 @@ def preprocessing(config: dict) -> list:
         mt.Orientationd(keys=["image", "label"], axcodes="LPS"),
         mt.Spacingd(keys=["image", "label"], pixdim=_xyz(config["spacing_mm"]), mode=("bilinear", "nearest")),
         mt.ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-        mt.Lambdad(keys="label", func=lambda label: (label > 0).float()),
         mt.CropForegroundd(keys=["image", "label"], source_key="image", select_fn=lambda image: image > 0.05, margin=8),
         mt.EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False),
         mt.Transposed(keys=["image", "label"], indices=(0, 3, 2, 1)),
     ]
 
 
-def augmentation(config: dict) -> list:
-    """Random patches (half centred on lesion, half on body), flips and intensity jitter."""
+def patch_centres(config: dict) -> list:
+    """Training only: pad to a patch and index candidate patch centres per lesion instance and body."""
     return [
         mt.SpatialPadd(keys=["image", "label"], spatial_size=config["patch_size"]),
-        mt.RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=config["patch_size"],
-                                  pos=1, neg=1, num_samples=config["samples_per_volume"],
-                                  image_key="image", image_threshold=0.05),
+        mt.ClassesToIndicesd(keys="label", num_classes=MAX_LESIONS + 1, image_key="image", image_threshold=0.05),
+    ]
+
+
+def augmentation(config: dict) -> list:
+    """Random patches centred on each lesion equally often (small ones as often as large ones) or on body,
+    then binary labels, flips and intensity jitter."""
+    return [
+        mt.RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=config["patch_size"],
+                                   ratios=[BACKGROUND_RATIO] + [1] * MAX_LESIONS, num_classes=MAX_LESIONS + 1,
+                                   num_samples=config["samples_per_volume"], indices_key="label_cls_indices",
+                                   warn=False),
+        mt.Lambdad(keys="label", func=lambda label: (label > 0).float()),
         mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),  # left-right
         mt.RandScaleIntensityd(keys="image", factors=0.05, prob=0.3),
         mt.RandShiftIntensityd(keys="image", offsets=0.02, prob=0.3),
@@ -99,68 +112,91 @@ def _dice(model, batch, config) -> float:
     with torch.no_grad():
         logits = sliding_window_inference(batch["image"], config["patch_size"], 4, model, overlap=0.25)
     pred = logits.argmax(1, keepdim=True).float()
-    truth = batch["label"]
+    truth = (batch["label"] > 0).float()
     denominator = float(pred.sum() + truth.sum())
     return 1.0 if denominator == 0 else float(2 * (pred * truth).sum()) / denominator
 
 
+def learning_rate(config: dict, progress: float) -> float:
+    """Linear warm-up over the first 5 % of training, then cosine decay to zero at progress 1."""
+    warmup = 0.05
+    if progress < warmup:
+        return config["learning_rate"] * (0.1 + 0.9 * progress / warmup)
+    return config["learning_rate"] * 0.5 * (1 + np.cos(np.pi * min((progress - warmup) / (1 - warmup), 1.0)))
+
+
 def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val_count: int = 4) -> dict:
+    """Train until config["iterations"], or until config["max_minutes"] of wall time (caching included)
+    when that is set; the learning-rate schedule follows whichever is further along."""
+    t_begin = time.perf_counter()
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config.get("seed", 0))
     np.random.seed(config.get("seed", 0))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=1))
     train_items, val_items = _dataset_lists(data_dir, val_count)
-    log.info("%d training and %d validation volumes; caching preprocessed volumes", len(train_items), len(val_items))
-    t0 = time.perf_counter()
+    log.info("%d training and %d validation volumes on %s; caching preprocessed volumes",
+             len(train_items), len(val_items), device)
     prep = preprocessing(config)
-    train_ds = CacheDataset(train_items, mt.Compose(prep + augmentation(config)), num_workers=config["threads"])
+    train_ds = CacheDataset(train_items, mt.Compose(prep + patch_centres(config) + augmentation(config)),
+                            num_workers=config["threads"])
     val_ds = CacheDataset(val_items, mt.Compose(prep), num_workers=config["threads"])
-    log.info("cached in %.0f s", time.perf_counter() - t0)
+    log.info("cached in %.0f s", time.perf_counter() - t_begin)
+    workers = config["loader_workers"]
     loader = DataLoader(train_ds, batch_size=max(config["batch_size"] // config["samples_per_volume"], 1),
-                        shuffle=True, num_workers=0 if device.type == "cpu" else 4)
+                        shuffle=True, num_workers=workers, persistent_workers=workers > 0)
 
     model = build_network(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["learning_rate"],
-                                                    total_steps=config["iterations"], pct_start=0.05)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    state = {"iteration": 0, "best_dice": -1.0, "history": [], "losses": []}
+    state = {"iteration": 0, "train_seconds": 0.0, "best_dice": -1.0, "history": [], "losses": []}
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         log.info("resumed at iteration %d", state["iteration"])
 
-    t_start, start_iteration, losses = time.perf_counter(), state["iteration"], state["losses"]
-    while state["iteration"] < config["iterations"]:
+    budget_s = config.get("max_minutes", 0) * 60 - (time.perf_counter() - t_begin)  # what caching left
+    if config.get("max_minutes") and budget_s <= 0:
+        raise SystemExit("no time left to train after caching; raise --max-minutes")
+
+    def progress() -> float:
+        by_time = state["train_seconds"] / budget_s if config.get("max_minutes") else 0.0
+        return max(state["iteration"] / config["iterations"], by_time)
+
+    t_start, start_seconds, start_iteration, losses = time.perf_counter(), state["train_seconds"], state["iteration"], state["losses"]
+    while progress() < 1:
         for batch in loader:
             model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, progress())
             image, label = batch["image"].to(device), batch["label"].to(device)
-            loss = loss_fn(model(image), label)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(image)
+            loss = loss_fn(logits.float(), label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             state["iteration"] += 1
-            it = state["iteration"]
+            state["train_seconds"] = start_seconds + time.perf_counter() - t_start
+            it, done = state["iteration"], progress() >= 1
             if it % 20 == 0:
-                elapsed = time.perf_counter() - t_start
-                log.info("iteration %d/%d loss %.4f lr %.2e (%.2f s/it)", it, config["iterations"],
-                         np.mean(losses[-20:]), scheduler.get_last_lr()[0], elapsed / (it - start_iteration))
-            if it % config["validate_every"] == 0 or it == config["iterations"]:
-                _validate_and_save(model, val_ds, config, state, optimizer, scheduler, run_dir, losses, device)
-            if it >= config["iterations"]:
+                log.info("iteration %d (%.0f %%) loss %.4f lr %.2e (%.3f s/it)", it, 100 * min(progress(), 1),
+                         np.mean(losses[-20:]), optimizer.param_groups[0]["lr"],
+                         (state["train_seconds"] - start_seconds) / (it - start_iteration))
+            if it % config["validate_every"] == 0 or done:
+                _validate_and_save(model, val_ds, config, state, optimizer, run_dir, losses, device)
+            if done:
                 break
     return state
 
 
-def _validate_and_save(model, val_ds, config, state, optimizer, scheduler, run_dir, losses, device):
+def _validate_and_save(model, val_ds, config, state, optimizer, run_dir, losses, device):
     model.eval()
     t0 = time.perf_counter()
     dice = float(np.mean([_dice(model, {k: v[None].to(device) for k, v in item.items() if k in ("image", "label")}, config)
@@ -168,8 +204,7 @@ def _validate_and_save(model, val_ds, config, state, optimizer, scheduler, run_d
     record = {"iteration": state["iteration"], "train_loss": float(np.mean(losses[-100:])), "val_dice": dice}
     state["history"].append(record)
     log.info("validation at %d: Dice %.4f (%.0f s)", state["iteration"], dice, time.perf_counter() - t0)
-    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "state": state, "config": config}
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state, "config": config}
     if dice >= state["best_dice"] or np.isnan(dice):
         state["best_dice"] = dice
         torch.save(saved, run_dir / "best.pt.tmp")
@@ -185,6 +220,7 @@ def main(argv=None) -> None:
     parser.add_argument("--run", type=Path, required=True, help="output folder for checkpoints and logs")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--iterations", type=int, help="override the preset's iteration count")
+    parser.add_argument("--max-minutes", type=float, help="wall-clock budget; the schedule anneals to fit it")
     parser.add_argument("--val-count", type=int, default=4, help="cases held out for validation without a list")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
@@ -193,6 +229,8 @@ def main(argv=None) -> None:
     if args.iterations:
         config["iterations"] = args.iterations
         config["validate_every"] = min(config["validate_every"], args.iterations)
+    if args.max_minutes:
+        config["max_minutes"] = args.max_minutes
     state = train(args.data, args.run, config, resume=args.resume, val_count=args.val_count)
     print(f"done: {state['iteration']} iterations, best validation Dice {state['best_dice']:.4f} -> {args.run}")
 
