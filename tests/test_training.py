@@ -9,7 +9,7 @@ import torch
 from training.export import export
 from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
-from training.train import PRESETS, build_network, train
+from training.train import PRESETS, build_network, learning_rate, train
 
 TINY = dict(PRESETS["cpu"], filters=[4, 8, 16], patch_size=[16, 32, 32], batch_size=4, samples_per_volume=4,
             iterations=60, validate_every=60, learning_rate=1e-2, threads=2)
@@ -62,3 +62,17 @@ def test_export_matches_eager(run, tmp_path):
     x = torch.rand(1, 1, 32, 48, 64)  # another size than the training patch
     with torch.no_grad():
         assert torch.allclose(scripted(x), eager(x), atol=1e-4)
+
+
+def test_schedule_warms_up_then_anneals_to_zero():
+    config = dict(TINY, learning_rate=1.0)
+    rates = [learning_rate(config, p) for p in np.linspace(0, 1, 101)]
+    assert rates[0] == pytest.approx(0.1) and max(rates) == pytest.approx(1.0, abs=1e-3)
+    assert rates[5] == pytest.approx(1.0, abs=1e-3) and rates[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(rates[5:], rates[6:]))
+
+
+def test_wall_clock_budget_ends_training(dataset, tmp_path):
+    state = train(dataset, tmp_path, dict(TINY, iterations=10_000, validate_every=10_000, max_minutes=0.4))
+    assert 0 < state["iteration"] < 10_000
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["iteration"] == state["iteration"]
