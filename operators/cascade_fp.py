@@ -156,7 +156,7 @@ def hessian_features(patches: np.ndarray, spec: dict) -> list[dict]:
     kernels = _hessian_kernels(patches.shape[-1]).reshape(6, -1)
     measures = [{} for _ in range(len(patches))]
     for s, fov in enumerate(spec["fov_mm"]):
-        zz, yy, xx, zy, zx, yx = (patches[:, s, 0].reshape(len(patches), -1) @ kernels.T).T
+        zz, yy, xx, zy, zx, yx = (patches[:, s, 0].reshape(len(patches), kernels.shape[1]) @ kernels.T).T
         hessian = np.stack([np.stack([zz, zy, zx], -1), np.stack([zy, yy, yx], -1), np.stack([zx, yx, xx], -1)], -2)
         l1, l2, l3 = np.linalg.eigvalsh(hessian).T
         bright = np.maximum(-l1, 1e-6)

@@ -71,6 +71,11 @@ def test_hessian_measures_tell_a_sphere_from_a_tube():
     assert sphere["hessian_log_40mm"] > sphere["hessian_log_80mm"]  # a 14 mm blob answers most at 40 mm (sigma 5 mm)
 
 
+def test_hessian_measures_of_no_candidates():
+    patches = multiscale_patches(np.zeros(SHAPE, np.int32), _lung(), SPACING, SPEC)
+    assert len(patches) == 0 and hessian_features(patches, SPEC) == []
+
+
 def test_candidate_labels_follow_the_metrics():
     truth = np.zeros((10, 20, 20), np.int16)
     truth[2:8, 2:8, 2:8] = 1  # 216 voxels
