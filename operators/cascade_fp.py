@@ -1,7 +1,8 @@
 """False-positive reduction: candidates pass a cascade of stages, in the order models/cascade_fp/model.json gives.
 
 Stage type "features" (the first, cheapest stage) measures each candidate and keeps those within thresholds:
-- size: longest axial diameter (RECIST) >= min_long_axis_mm (10 mm by default);
+- size: longest axial diameter (RECIST) >= min_long_axis_mm (7 mm in the shipped model.json, so that a
+  10 mm lesion whose outline measures short is still kept; the RECIST targets in lesions.json are >= 10 mm);
 - location: share of its voxels inside the thorax (the per-slice rectangle spanned by both lungs,
   which holds the lungs, hila, mediastinum and the pleura) >= min_thorax_fraction;
 - intensity: mean HU within mean_hu (soft tissue or ground glass, not air, contrast-filled vessel or bone);
