@@ -26,6 +26,13 @@ def real_case(name: str) -> Path:
     return folder
 
 
+def shipped_feature_stage(**thresholds) -> dict:
+    """The shipped cascade's feature stage (models/cascade_fp/model.json), `thresholds` overriding its own."""
+    spec = json.loads((REPO / "models" / "cascade_fp" / "model.json").read_text())
+    stage = next(s for s in spec["stages"] if s["type"] == "features")
+    return {**stage, "thresholds": {**stage["thresholds"], **thresholds}}
+
+
 def read_series(folder: Path, series_uid: str | None = None) -> list[pydicom.Dataset]:
     """The CT slices of one series under `folder`, sorted feet first (ascending z)."""
     datasets = [pydicom.dcmread(p) for p in sorted(folder.rglob("*")) if p.is_file() and pydicom.misc.is_dicom(p)]

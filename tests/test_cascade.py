@@ -10,14 +10,13 @@ from torch import nn
 from operators.cascade_fp import filter_candidates, hessian_features, load_cascade, multiscale_patches, stage_probability
 from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
-from tests.conftest import REPO
+from tests.conftest import REPO, shipped_feature_stage
 from training.mine_candidates import match_candidates
 from training.train_cascade import (MultiscaleCNN, Standardized, export_stage, threshold_for_retention, train_cnn,
                                     train_feature_classifier)
 
 SPEC = {"fov_mm": [20, 40, 80], "size": 24, "intensity_window_hu": [-1000, 400]}
-FEATURE_STAGE = next(s for s in json.loads((REPO / "models" / "cascade_fp" / "model.json").read_text())["stages"]
-                     if s["type"] == "features")
+FEATURE_STAGE = shipped_feature_stage(min_long_axis_mm=10.0)  # the tests' sizes assume a 10 mm rule
 SPACING = (2.5, 0.8, 0.8)
 SHAPE = (32, 100, 100)
 CENTRE = 11.5  # the centre of a 24-voxel patch

@@ -9,10 +9,10 @@ import torch
 from operators.cascade_fp import filter_candidates
 from operators.lesion_segmentation import extract_candidates, predict_lesion_probability
 from operators.thorax_crop import ThoraxCrop
-from tests.conftest import REPO, WindowedSoftTissue
+from tests.conftest import REPO, WindowedSoftTissue, shipped_feature_stage
 
 MODEL_JSON = json.loads((REPO / "models" / "cascade_fp" / "model.json").read_text())
-CONFIG = {**MODEL_JSON, "stages": [s for s in MODEL_JSON["stages"] if s["type"] == "features"]}  # the feature stage alone
+CONFIG = {**MODEL_JSON, "stages": [shipped_feature_stage(min_long_axis_mm=10.0)]}  # the feature stage alone, 10 mm rule
 SPACING = (2.0, 1.0, 1.0)
 SHAPE = (40, 160, 160)
 
