@@ -160,12 +160,14 @@ def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val
         state = saved["state"]
         log.info("resumed at iteration %d", state["iteration"])
 
-    budget_s = config.get("max_minutes", 0) * 60 - (time.perf_counter() - t_begin)  # what caching left
-    if config.get("max_minutes") and budget_s <= 0:
-        raise SystemExit("no time left to train after caching; raise --max-minutes")
+    budget_s = None  # training seconds that the wall-clock budget leaves after caching
+    if config.get("max_minutes"):
+        budget_s = config["max_minutes"] * 60 - (time.perf_counter() - t_begin)
+        if budget_s <= 0:
+            raise SystemExit("no time left to train after caching; raise --max-minutes")
 
     def progress() -> float:
-        by_time = state["train_seconds"] / budget_s if config.get("max_minutes") else 0.0
+        by_time = state["train_seconds"] / budget_s if budget_s else 0.0
         return max(state["iteration"] / config["iterations"], by_time)
 
     t_start, start_seconds, start_iteration, losses = time.perf_counter(), state["train_seconds"], state["iteration"], state["losses"]
@@ -184,9 +186,10 @@ def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val
             losses.append(loss.item())
             state["iteration"] += 1
             state["train_seconds"] = start_seconds + time.perf_counter() - t_start
-            it, done = state["iteration"], progress() >= 1
+            it, progressed = state["iteration"], progress()
+            done = progressed >= 1
             if it % 20 == 0:
-                log.info("iteration %d (%.0f %%) loss %.4f lr %.2e (%.3f s/it)", it, 100 * min(progress(), 1),
+                log.info("iteration %d (%.0f %%) loss %.4f lr %.2e (%.3f s/it)", it, 100 * min(progressed, 1),
                          np.mean(losses[-20:]), optimizer.param_groups[0]["lr"],
                          (state["train_seconds"] - start_seconds) / (it - start_iteration))
             if it % config["validate_every"] == 0 or done:
