@@ -3,8 +3,9 @@
 Stage type "features" (the first, cheapest stage) measures each candidate and keeps those within thresholds:
 - size: longest axial diameter (RECIST) >= min_long_axis_mm (7 mm in the shipped model.json, so that a
   10 mm lesion whose outline measures short is still kept; the RECIST targets in lesions.json are >= 10 mm);
-- location: share of its voxels inside the thorax (the per-slice rectangle spanned by both lungs,
-  which holds the lungs, hila, mediastinum and the pleura) >= min_thorax_fraction;
+- location: share of its voxels inside the thorax (per slice with lung, the rectangle spanned by both
+  lungs in the slices within 30 mm, which holds the lungs, hila, mediastinum and the pleura, and masses
+  that replace aerated lung) >= min_thorax_fraction;
 - intensity: mean HU within mean_hu (soft tissue or ground glass, not air, contrast-filled vessel or bone);
 - shape: elongation (ratio of the two largest principal axes) <= max_elongation, vessels being tubes.
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STAGE_TYPES = ("features", "torchscript")
 HESSIAN_SIGMA_FRACTION = 1 / 8  # Gaussian scale of the Hessian at each patch scale: fov_mm / 8
+THORAX_REGION_REACH_MM = 30.0  # a slice's thorax rectangle spans the lungs of the slices this near
 
 
 @dataclass
@@ -61,12 +63,20 @@ class CascadeResult:
     features: list[dict]
 
 
-def thorax_region(lungs: np.ndarray) -> np.ndarray:
-    """Per axial slice, the rectangle spanned by the lungs (empty where a slice has no lung)."""
+def thorax_region(lungs: np.ndarray, spacing) -> np.ndarray:
+    """Per axial slice with lung, the rectangle spanned by the lungs of the slices within
+    THORAX_REGION_REACH_MM (empty where a slice has no lung).
+
+    The reach keeps a mass or effusion that replaces the lateral or posterior lung over a few slices
+    inside the region that the neighbouring slices' aerated lung spans.
+    """
+    reach = 2 * int(round(THORAX_REGION_REACH_MM / spacing[0])) + 1
+    rows = ndimage.maximum_filter1d(lungs.any(axis=2), reach, axis=0)  # [z, y]
+    columns = ndimage.maximum_filter1d(lungs.any(axis=1), reach, axis=0)  # [z, x]
     region = np.zeros_like(lungs)
     for z in np.flatnonzero(lungs.any(axis=(1, 2))):
-        rows, columns = np.flatnonzero(lungs[z].any(axis=1)), np.flatnonzero(lungs[z].any(axis=0))
-        region[z, rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1] = True
+        y, x = np.flatnonzero(rows[z]), np.flatnonzero(columns[z])
+        region[z, y[0]:y[-1] + 1, x[0]:x[-1] + 1] = True
     return region
 
 
@@ -229,7 +239,7 @@ def filter_candidates(candidates: Candidates, hu: np.ndarray, spacing, thorax: T
 
     `cascade` is model.json as `load_cascade` returns it (learned stages carry their "module").
     """
-    features = candidate_features(candidates, hu, spacing, thorax_region(thorax.lungs))
+    features = candidate_features(candidates, hu, spacing, thorax_region(thorax.lungs, spacing))
 
     def patches_of(indices):
         patches = multiscale_patches(candidates.labels, hu, spacing, cascade["patches"], indices)

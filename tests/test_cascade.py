@@ -11,7 +11,7 @@ from operators.cascade_fp import filter_candidates, hessian_features, load_casca
 from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
-from training.mine_candidates import match_candidates
+from training.mine_candidates import match_candidates, near_misses
 from training.train_cascade import (MultiscaleCNN, Standardized, export_stage, threshold_for_retention, train_cnn,
                                     train_feature_classifier)
 
@@ -86,6 +86,18 @@ def test_candidate_labels_follow_the_metrics():
     assert label.tolist() == [1, -1, 0] and lesion.tolist() == [1, 1, 0]
     assert dice[0] == pytest.approx(2 * 64 / 280)
     assert match_candidates(candidates, truth, np.bincount(truth.ravel()), 3, boxes_only=True)[0].tolist() == [1, 1, 0]
+
+
+def test_near_misses_stay_below_the_threshold_and_touch_no_lesion():
+    probability = np.zeros(SHAPE, np.float32)
+    probability[_ball((10, 30, 30), 5)] = 0.9  # a candidate
+    probability[_ball((10, 70, 30), 5)] = 0.3  # a near miss
+    probability[_ball((20, 30, 70), 5)] = 0.3  # a near miss on a lesion: not false
+    probability[_ball((20, 70, 70), 5)] = 0.1  # below the near-miss threshold
+    truth = _ball((20, 30, 70), 4).astype(np.int16)
+    near = near_misses(probability, truth, threshold=0.5, near_threshold=0.2, spacing=SPACING)
+    assert near.count == 1 and near.max_probability.tolist() == pytest.approx([0.3])
+    assert (near.labels == 1).sum() == _ball((10, 70, 30), 5).sum()
 
 
 def test_threshold_keeps_the_asked_share_of_true_candidates():

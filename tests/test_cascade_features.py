@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from operators.cascade_fp import filter_candidates
+from operators.cascade_fp import filter_candidates, thorax_region
 from operators.lesion_segmentation import extract_candidates, predict_lesion_probability
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, WindowedSoftTissue, shipped_feature_stage
@@ -56,6 +56,17 @@ def test_feature_stage_keeps_only_the_lesion():
                        "dense": "measured_features: intensity", "outside": "measured_features: location"}
     assert result.labels.max() == 1 and len(result.scores) == 1
     assert (result.labels == 1).sum() == (labels == 1).sum()
+
+
+def test_thorax_region_keeps_a_mass_that_replaces_the_lateral_lung():
+    lungs = np.zeros(SHAPE, bool)
+    lungs[2:38, 30:130, 30:130] = True
+    lungs[18:24, :, 30:70] = False  # 12 mm of slices where a mass replaces the lateral lung
+    lungs[:, :, 75:85] = False  # the mediastinum between the lungs
+    region = thorax_region(lungs, SPACING)
+    assert region[18:24, 30:130, 30:130].all()  # the neighbouring slices' lung spans the mass
+    assert not region[:2].any() and not region[38:].any()  # no lung: outside the thorax
+    assert not region[:, :30].any() and not region[:, :, 130:].any()
 
 
 def test_unknown_stage_type_is_refused():

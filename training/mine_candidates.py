@@ -2,6 +2,7 @@
 each labelled true or false, with its measured and Hessian features and multiscale patches.
 
     python -m training.mine_candidates --seeds 4000-4039 --out runs/cascade/mined/train --workers 2
+    python -m training.mine_candidates --seeds 4000-4039 --seg-model OTHER_NETWORK_DIR --out runs/cascade/mined/train_other
     python -m training.mine_candidates --images data/phantoms/imagesTr --labels data/phantoms/labelsTr --out ...
     python -m training.mine_candidates --images data/real/images --labels data/real/labels --out runs/cascade/mined/real
 
@@ -18,6 +19,13 @@ Dice 0.1 (neither; left out of training). OUT/<case>.npz (compressed) holds per 
 `match_dice`, `lesion_diameter_mm` (of the matched lesion), `feature_names` x `features`, `patches`
 (float16 [N, scales, 2, size, size, size]) and, on the evaluation box (thorax box and every truth
 voxel), `candidate_labels` and `truth` for training.ablation. A case whose .npz exists is skipped.
+
+False candidates are rare with a good network, so every case also stores its near misses (`near_misses`:
+instances of probability >= NEAR_MISS_THRESHOLD that never reach the operating threshold and touch no
+lesion) as `near_miss_features` and `near_miss_patches`, extra false examples that training.ablation
+ignores. A second, weaker network (--seg-model) adds more and different false candidates to a training
+folder; validation, held-out and real folders are mined with the shipped network, whose candidates the
+app sees.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import torch
 from scipy import ndimage
 
 from operators.cascade_fp import thorax_region, candidate_features, hessian_features, multiscale_patches
-from operators.lesion_segmentation import extract_candidates, load_model_config, predict_lesion_probability
+from operators.lesion_segmentation import Candidates, extract_candidates, load_model_config, predict_lesion_probability
 from operators.measurements import axial_diameters
 from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.metrics import DETECTION_DICE
@@ -43,6 +51,7 @@ from training.phantom import generate_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 SUFFIX = ".nii.gz"
+NEAR_MISS_THRESHOLD = 0.2  # near misses: instances of probability >= this that never reach the operating threshold
 
 
 def phantom_case(seed: int, slices: int | None = None) -> dict:
@@ -83,7 +92,32 @@ def _box_array(box) -> np.ndarray:
     return np.array([[s.start, s.stop] for s in box], np.int32)
 
 
-def mine_case(name: str, case: dict, model, seg_config: dict, patch_spec: dict) -> tuple[dict, dict]:
+def describe(candidates: Candidates, crop: np.ndarray, spacing, region: np.ndarray,
+             patch_spec: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Feature names, features [N, F] (measured and Hessian) and multiscale patches of the candidates."""
+    features = candidate_features(candidates, crop, spacing, region)
+    patches = multiscale_patches(candidates.labels, crop, spacing, patch_spec)
+    for feature, measures in zip(features, hessian_features(patches, patch_spec)):
+        feature.update(measures)
+    names = list(features[0]) if features else []
+    return names, np.array([[f[n] for n in names] for f in features], np.float32).reshape(len(features), len(names)), patches
+
+
+def near_misses(probability: np.ndarray, truth: np.ndarray, threshold: float, near_threshold: float,
+                spacing) -> Candidates:
+    """Instances of `probability >= near_threshold` that stay below `threshold` and touch no truth lesion:
+    what the network almost took for a lesion, extra false examples for the cascade."""
+    near = extract_candidates(probability, near_threshold, spacing)
+    touching = np.unique(near.labels[truth > 0])
+    kept = [k for k in range(1, near.count + 1) if near.max_probability[k - 1] < threshold and k not in touching]
+    renumber = np.zeros(near.count + 1, np.int32)
+    renumber[kept] = np.arange(1, len(kept) + 1)
+    index = np.asarray(kept, np.int64) - 1
+    return Candidates(renumber[near.labels], near.max_probability[index], near.mean_probability[index])
+
+
+def mine_case(name: str, case: dict, model, seg_config: dict, patch_spec: dict,
+              near_threshold: float = NEAR_MISS_THRESHOLD) -> tuple[dict, dict]:
     """Everything OUT/<case>.npz stores for one case, and the step timings (s)."""
     times = {}
     hu, truth, spacing = case["hu"], case["truth"], case["spacing"]
@@ -99,8 +133,9 @@ def mine_case(name: str, case: dict, model, seg_config: dict, patch_spec: dict) 
         if boxes else (slice(0, 1),) * 3
     candidate_labels = np.zeros([s.stop - s.start for s in eval_box], np.int32)
     size = int(patch_spec["size"])
-    names, values = [], np.zeros((0, 0), np.float32)
-    patches = np.zeros((0, len(patch_spec["fov_mm"]), 2, size, size, size), np.float32)
+    no_patches = np.zeros((0, len(patch_spec["fov_mm"]), 2, size, size, size), np.float32)
+    names, values, patches = [], np.zeros((0, 0), np.float32), no_patches
+    near_values, near_patches = values, no_patches
     label = dice = diameter = np.zeros(0, np.float32)
     if thorax:
         start = time.perf_counter()
@@ -109,13 +144,13 @@ def mine_case(name: str, case: dict, model, seg_config: dict, patch_spec: dict) 
             probability = predict_lesion_probability(crop, spacing, model, seg_config)
         times["segmentation"] = time.perf_counter() - start
         start = time.perf_counter()
-        candidates = extract_candidates(probability, seg_config["probability_threshold"], spacing)
-        features = candidate_features(candidates, crop, spacing, thorax_region(thorax.lungs))
-        patches = multiscale_patches(candidates.labels, crop, spacing, patch_spec)
-        for feature, measures in zip(features, hessian_features(patches, patch_spec)):
-            feature.update(measures)
-        names = list(features[0]) if features else []
-        values = np.array([[f[n] for n in names] for f in features], np.float32)
+        threshold = seg_config["probability_threshold"]
+        candidates = extract_candidates(probability, threshold, spacing)
+        region = thorax_region(thorax.lungs, spacing)
+        names, values, patches = describe(candidates, crop, spacing, region, patch_spec)
+        near = near_misses(probability, truth[thorax.box], threshold, near_threshold, spacing)
+        near_names, near_values, near_patches = describe(near, crop, spacing, region, patch_spec)
+        names = names or near_names
         times["features"] = time.perf_counter() - start
         start = time.perf_counter()
         inner = tuple(slice(t.start - e.start, t.stop - e.start) for t, e in zip(thorax.box, eval_box))
@@ -135,6 +170,8 @@ def mine_case(name: str, case: dict, model, seg_config: dict, patch_spec: dict) 
         "candidate_labels": candidate_labels, "truth": truth[eval_box].astype(np.int16),
         "label": np.asarray(label, np.int8), "match_dice": dice, "lesion_diameter_mm": diameter,
         "feature_names": np.array(names, str), "features": values, "patches": patches.astype(np.float16),
+        "near_miss_threshold": near_threshold, "near_miss_features": near_values,
+        "near_miss_patches": near_patches.astype(np.float16),
     }
     return record, times
 
@@ -165,7 +202,8 @@ def _run(job: tuple) -> str:
     labels = record["label"]
     lesions = np.count_nonzero(np.unique(record["truth"]))
     return (f"{name}: {case['hu'].shape} {lesions} lesions, {len(labels)} candidates "
-            f"({(labels == 1).sum()} true, {(labels == 0).sum()} false, {(labels == -1).sum()} ambiguous); "
+            f"({(labels == 1).sum()} true, {(labels == 0).sum()} false, {(labels == -1).sum()} ambiguous), "
+            f"{len(record['near_miss_features'])} near misses; "
             + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
 
 

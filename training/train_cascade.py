@@ -1,15 +1,16 @@
 """Train the cascade's learned stages on mined candidates and export them to models/cascade_fp.
 
-    python -m training.train_cascade --train runs/cascade/mined/train --val runs/cascade/mined/val \
-        --out models/cascade_fp [--retention 0.98] [--minutes 6]
+    python -m training.train_cascade --train runs/cascade/mined/train runs/cascade/mined/train_cpu_model \
+        --val runs/cascade/mined/val --out models/cascade_fp [--retention 0.98] [--minutes 6]
 
-Input: folders of training.mine_candidates .npz files (never the held-out seeds 3000+ or the real cases).
-Stage 1, the hand-set feature stage, comes from OUT/model.json unchanged. Every learned stage learns
-from all training candidates that stage 1 keeps (more examples than its own input), and its threshold
-is set on the validation candidates that all earlier stages keep; candidates of label -1 (touching a
-lesion below Dice 0.1) are left out. Learned stages, in order of cost:
-- `feature_classifier`: a small MLP over measured features and the multiscale Hessian blob/tube
-  measures (standardisation inside the exported module);
+Input: folders of training.mine_candidates .npz files (never the held-out seeds 3000+ or the real cases),
+their candidates and near misses (false). Stage 1, the hand-set feature stage, comes from
+OUT/model.json unchanged. Every learned stage learns from all training candidates that stage 1 keeps
+(more examples than its own input), and its threshold is set on the validation candidates that all
+earlier stages keep; candidates of label -1 (touching a lesion below Dice 0.1) are left out. Learned
+stages, in order of cost:
+- `feature_classifier`: a small MLP over measured size, shape, HU and location and the multiscale
+  Hessian blob/tube measures (standardisation inside the exported module);
 - `multiscale_cnn`: one small 3D CNN stream per patch scale (image + candidate mask channels), the
   streams' pooled features joined by a small head; flips and in-plane transposes as augmentation.
 Both use class-balanced BCE (positive weight = false / true). The CNN keeps the epoch whose
@@ -33,8 +34,9 @@ from torch import nn
 
 from operators.cascade_fp import run_stages
 
-FEATURE_STAGE_INPUTS = ["long_axis_mm", "short_axis_mm", "elongation", "mean_hu", "thorax_fraction",
-                        "max_probability", "mean_probability"]  # + every hessian_* measure of the patch spec
+# + every hessian_* measure of the patch spec; not the network's probabilities, which differ between the
+# mining networks and are below the operating threshold for every near miss by construction
+FEATURE_STAGE_INPUTS = ["long_axis_mm", "short_axis_mm", "elongation", "mean_hu", "thorax_fraction"]
 
 
 class Standardized(nn.Module):
@@ -80,18 +82,24 @@ class MultiscaleCNN(nn.Module):
 
 
 def load_folders(folders: list[Path]) -> dict:
-    """All candidates of the mined .npz files in `folders`: features (dicts), patches (float16), labels."""
-    features, patches, labels, cases = [], [], [], []
+    """All candidates of the mined .npz files in `folders`: features (dicts), patches (float16), labels, and
+    whether each is a near miss (mine_candidates.near_misses, label 0)."""
+    features, patches, labels, near_miss, cases = [], [], [], [], []
     for folder in folders:
         for path in sorted(folder.glob("*.npz")):
             with np.load(path) as stored:
                 names = [str(n) for n in stored["feature_names"]]
-                features += [dict(zip(names, map(float, row))) for row in stored["features"]]
-                patches.append(stored["patches"])
-                labels.append(stored["label"])
+                for rows, stored_patches, stored_labels in (
+                        (stored["features"], stored["patches"], stored["label"]),
+                        (stored["near_miss_features"], stored["near_miss_patches"],
+                         np.zeros(len(stored["near_miss_features"]), np.int8))):
+                    features += [dict(zip(names, map(float, row))) for row in rows]
+                    patches.append(stored_patches)
+                    labels.append(stored_labels)
+                near_miss += [False] * len(stored["label"]) + [True] * len(stored["near_miss_features"])
                 cases.append(path.stem)
     return {"features": features, "patches": np.concatenate(patches), "labels": np.concatenate(labels),
-            "cases": cases}
+            "near_miss": np.array(near_miss, bool), "cases": cases}
 
 
 def threshold_for_retention(probabilities: np.ndarray, retention: float) -> float:
@@ -200,8 +208,10 @@ def _survivors(data: dict, stages: list[dict]) -> np.ndarray:
     return np.array([i for i, f in enumerate(features) if "dropped_by" not in f], np.int64)
 
 
-def _counts(labels: np.ndarray) -> dict:
-    return {"true": int((labels == 1).sum()), "false": int((labels == 0).sum()), "ambiguous": int((labels == -1).sum())}
+def _counts(data: dict) -> dict:
+    labels = data["labels"]
+    return {"true": int((labels == 1).sum()), "false": int((labels == 0).sum()), "ambiguous": int((labels == -1).sum()),
+            "near_misses": int(data["near_miss"].sum())}
 
 
 LEARNED_STAGES = ("feature_classifier", "multiscale_cnn")
@@ -213,14 +223,14 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
     stages = [s for s in cascade["stages"] if s["type"] == "features"]
     start = time.perf_counter()
     train, val = load_folders(train_dirs), load_folders(val_dirs)
-    log(f"loaded {len(train['labels'])} training candidates {_counts(train['labels'])} from {len(train['cases'])} "
-        f"cases, {len(val['labels'])} validation {_counts(val['labels'])} from {len(val['cases'])} cases "
+    log(f"loaded {len(train['labels'])} training candidates {_counts(train)} from {len(train['cases'])} "
+        f"cases, {len(val['labels'])} validation {_counts(val)} from {len(val['cases'])} cases "
         f"({time.perf_counter() - start:.0f} s)")
     inputs = FEATURE_STAGE_INPUTS + sorted(k for k in train["features"][0] if k.startswith("hessian_"))
     record = {"retention_target": retention, "train": {"folders": [str(d) for d in train_dirs],
-              "cases": len(train["cases"]), "candidates": _counts(train["labels"])},
+              "cases": len(train["cases"]), "candidates": _counts(train)},
               "validation": {"folders": [str(d) for d in val_dirs], "cases": len(val["cases"]),
-                             "candidates": _counts(val["labels"])}, "stages": {}}
+                             "candidates": _counts(val)}, "stages": {}}
     next_order = max(s["order"] for s in stages) + 1
     train_index = _survivors(train, stages)  # every learned stage learns from all that the feature stage keeps
     for name in learned:
