@@ -8,10 +8,11 @@ their candidates and near misses (false). Stage 1, the hand-set feature stage, c
 OUT/model.json unchanged. Every learned stage learns from all training candidates that stage 1 keeps
 (more examples than its own input), and its threshold is set on the validation candidates that all
 earlier stages keep; candidates of label -1 (touching a lesion below Dice 0.1) are left out. Learned
-stages, in order of cost:
-- `feature_classifier`: a small MLP over measured size, shape, HU and location and the multiscale
-  Hessian blob/tube measures (standardisation inside the exported module);
-- `multiscale_cnn`: one small 3D CNN stream per patch scale (image + candidate mask channels), the
+stages (--stages), in order of cost:
+- `feature_classifier` (optional; not shipped, it removed no validation false positive): a small MLP
+  over measured size, shape, HU and location and the multiscale Hessian blob/tube measures
+  (standardisation inside the exported module);
+- `multiscale_cnn` (the default): one small 3D CNN stream per patch scale (image + candidate mask channels), the
   streams' pooled features joined by a small head; flips and in-plane transposes as augmentation.
 Both use class-balanced BCE (positive weight = false / true). The CNN keeps the epoch whose
 validation candidates give the fewest false positives at the retention threshold. Each stage's
@@ -284,7 +285,7 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=6.0, help="CNN training time limit")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--stages", nargs="+", choices=LEARNED_STAGES, default=list(LEARNED_STAGES),
+    parser.add_argument("--stages", nargs="+", choices=LEARNED_STAGES, default=["multiscale_cnn"],
                         help="learned stages to train, in cascade order")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
