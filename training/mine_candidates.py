@@ -2,7 +2,7 @@
 each labelled true or false, with its measured and Hessian features and multiscale patches.
 
     python -m training.mine_candidates --seeds 4000-4039 --out runs/cascade/mined/train --workers 2
-    python -m training.mine_candidates --seeds 4000-4039 --seg-model OTHER_NETWORK_DIR --out runs/cascade/mined/train_other
+    python -m training.mine_candidates --seeds 4000-4039 --seg-model OTHER_NET --out runs/cascade/mined/train_other
     python -m training.mine_candidates --images data/phantoms/imagesTr --labels data/phantoms/labelsTr --out ...
     python -m training.mine_candidates --images data/real/images --labels data/real/labels --out runs/cascade/mined/real
 
@@ -100,7 +100,8 @@ def describe(candidates: Candidates, crop: np.ndarray, spacing, region: np.ndarr
     for feature, measures in zip(features, hessian_features(patches, patch_spec)):
         feature.update(measures)
     names = list(features[0]) if features else []
-    return names, np.array([[f[n] for n in names] for f in features], np.float32).reshape(len(features), len(names)), patches
+    values = np.array([[f[n] for n in names] for f in features], np.float32).reshape(len(features), len(names))
+    return names, values, patches
 
 
 def near_misses(probability: np.ndarray, truth: np.ndarray, threshold: float, near_threshold: float,

@@ -12,8 +12,9 @@ stages (--stages), in order of cost:
 - `feature_classifier` (optional; not shipped, it removed no validation false positive): a small MLP
   over measured size, shape, HU and location and the multiscale Hessian blob/tube measures
   (standardisation inside the exported module);
-- `multiscale_cnn` (the default): one small 3D CNN stream per patch scale (image + candidate mask channels), the
-  streams' pooled features joined by a small head; flips and in-plane transposes as augmentation.
+- `multiscale_cnn` (the default): one small 3D CNN stream per patch scale (image + candidate mask
+  channels), the streams' pooled features joined by a small head; flips and in-plane transposes as
+  augmentation.
 Both use class-balanced BCE (positive weight = false / true). The CNN keeps the epoch whose
 validation candidates give the fewest false positives at the retention threshold. Each stage's
 threshold is the highest that keeps >= `retention` of the true validation candidates reaching it.
