@@ -12,8 +12,8 @@ from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
 from training.mine_candidates import match_candidates, near_misses
-from training.train_cascade import (MultiscaleCNN, Standardized, export_stage, threshold_for_retention, train_cnn,
-                                    train_feature_classifier)
+from training.train_cascade import (MultiscaleCNN, Standardized, augment, export_stage, threshold_for_retention,
+                                    train_cnn, train_feature_classifier)
 
 SPEC = {"fov_mm": [20, 40, 80], "size": 24, "intensity_window_hu": [-1000, 400]}
 FEATURE_STAGE = shipped_feature_stage(min_long_axis_mm=10.0)  # the tests' sizes assume a 10 mm rule
@@ -126,12 +126,28 @@ def _synthetic_candidates(count: int, seed: int = 0):
     return patches, features, np.array(labels, np.float32)
 
 
+def test_partial_outline_augmentation_keeps_part_of_the_mask_centred_at_every_scale():
+    hu, labels = _lung(), np.zeros(SHAPE, np.int32)
+    ball = _ball((16, 50, 50), 7.0)
+    hu[ball], labels[ball] = 40.0, 1
+    patches = multiscale_patches(labels, hu, SPACING, SPEC)
+    for seed in range(5):
+        out = augment(patches, np.random.default_rng(seed), SPEC["fov_mm"], partial=1.0, jitter_mm=0.0)
+        for scale in range(2):  # the 80 mm scale's few mask voxels are too coarse to test
+            kept = out[0, scale, 1].sum() / patches[0, scale, 1].sum()
+            assert 0.1 < kept < 0.95
+            centroid = np.average(np.indices(out.shape[-3:]), axis=(1, 2, 3),
+                                  weights=np.broadcast_to(out[0, scale, 1], (3,) + out.shape[-3:]))
+            assert np.allclose(centroid, CENTRE, atol=1.0)
+        assert out[0, 0, 0].max() > 0.7  # the lesion's image stays in the patch
+
+
 def test_tiny_cascade_training_lowers_the_loss():
     patches, features, labels = _synthetic_candidates(24)
     _, losses = train_feature_classifier(features, labels, steps=100)
     assert losses[-1] < 0.5 * losses[0]
-    model, history = train_cnn(patches, labels, patches, labels.astype(np.int8), retention=0.98, epochs=12,
-                               batch=8, log=lambda line: None)
+    model, history = train_cnn(patches, labels, patches, labels.astype(np.int8), retention=0.98,
+                               fov_mm=SPEC["fov_mm"], epochs=12, batch=8, log=lambda line: None)
     assert history[-1]["loss"] < history[0]["loss"]
     assert isinstance(model, MultiscaleCNN)
 

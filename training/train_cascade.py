@@ -13,8 +13,9 @@ stages (--stages), in order of cost:
   over measured size, shape, HU and location and the multiscale Hessian blob/tube measures
   (standardisation inside the exported module);
 - `multiscale_cnn` (the default): one small 3D CNN stream per patch scale (image + candidate mask
-  channels), the streams' pooled features joined by a small head; flips and in-plane transposes as
-  augmentation.
+  channels), the streams' pooled features joined by a small head; augmentation by flips, in-plane
+  transposes, centre jitter and partial outlines (`augment`), since on unfamiliar scans the network
+  often outlines only part of a lesion.
 Both use class-balanced BCE (positive weight = false / true). The CNN keeps the epoch whose
 validation candidates give the fewest false positives at the retention threshold. Each stage's
 threshold is the highest that keeps >= `retention` of the true validation candidates reaching it.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 from operators.cascade_fp import run_stages
@@ -115,7 +117,8 @@ def _balanced_loss(labels: np.ndarray) -> nn.BCEWithLogitsLoss:
     return nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(labels) - positives) / positives, dtype=torch.float32))
 
 
-def train_feature_classifier(x: np.ndarray, y: np.ndarray, steps: int = 600, seed: int = 0) -> tuple[Standardized, list]:
+def train_feature_classifier(x: np.ndarray, y: np.ndarray, steps: int = 600,
+                             seed: int = 0) -> tuple[Standardized, list]:
     """Full-batch Adam on standardised features; returns the model and its loss per step."""
     torch.manual_seed(seed)
     model = Standardized(x.mean(axis=0), x.std(axis=0) + 1e-6)
@@ -131,16 +134,45 @@ def train_feature_classifier(x: np.ndarray, y: np.ndarray, steps: int = 600, see
     return model.eval(), losses
 
 
-def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The same random flips (z, y, x) and in-plane transpose for every scale and channel of each patch."""
-    out = batch.copy()
+def augment(batch: np.ndarray, rng: np.random.Generator, fov_mm, partial: float = 0.5,
+            jitter_mm: float = 2.0) -> np.ndarray:
+    """Per patch, the same for every scale and channel: random flips (z, y, x) and in-plane transpose;
+    with probability `partial` a partial outline (the mask cut by a random plane through it and the patch
+    re-centred on what is left, as the network's outline of part of a lesion is centred); and a random
+    shift of the centre by up to `jitter_mm` per axis."""
+    out = batch.astype(np.float32)
+    size = out.shape[-1]
+    steps = (np.arange(size) - (size - 1) / 2) / size  # cell centres across a cube of side 1
     for n in range(len(out)):
         for axis in (-3, -2, -1):
             if rng.random() < 0.5:
                 out[n] = np.flip(out[n], axis)
         if rng.random() < 0.5:
             out[n] = np.swapaxes(out[n], -2, -1)
+        centre = rng.uniform(-jitter_mm, jitter_mm, 3)
+        if rng.random() < partial:
+            centre += _cut_mask(out[n], steps, fov_mm, rng)
+        for s, fov in enumerate(fov_mm):
+            shift = -centre * size / fov  # voxels
+            out[n, s, 0] = ndimage.shift(out[n, s, 0], shift, order=1, mode="nearest")
+            out[n, s, 1] = ndimage.shift(out[n, s, 1], shift, order=0, mode="nearest")
     return out
+
+
+def _cut_mask(patch: np.ndarray, steps: np.ndarray, fov_mm, rng: np.random.Generator) -> np.ndarray:
+    """Cut the candidate mask of every scale of `patch` (in place) by one random plane, keeping 20-90 % of
+    it at the finest scale; returns the centroid (mm from the patch centre, z y x) of what is left."""
+    inside = np.argwhere(patch[0, 1] > 0.5)
+    if len(inside) < 8:
+        return np.zeros(3)
+    normal = rng.normal(size=3)
+    normal /= np.linalg.norm(normal)
+    offset = np.quantile(steps[inside] @ normal * fov_mm[0], rng.uniform(0.2, 0.9))
+    for s, fov in enumerate(fov_mm):
+        z, y, x = np.meshgrid(*[steps * fov] * 3, indexing="ij")
+        patch[s, 1] *= (z * normal[0] + y * normal[1] + x * normal[2]) <= offset
+    left = np.argwhere(patch[0, 1] > 0.5)
+    return steps[left].mean(axis=0) * fov_mm[0] if len(left) else np.zeros(3)
 
 
 def predict(model: nn.Module, patches: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -157,7 +189,8 @@ def false_kept(probabilities: np.ndarray, labels: np.ndarray, retention: float) 
 
 
 def train_cnn(patches: np.ndarray, y: np.ndarray, val_patches: np.ndarray, val_y: np.ndarray, retention: float,
-              epochs: int = 30, minutes: float = 6.0, batch: int = 32, seed: int = 0, log=print) -> tuple[MultiscaleCNN, list]:
+              fov_mm, epochs: int = 30, minutes: float = 6.0, batch: int = 32, seed: int = 0,
+              log=print) -> tuple[MultiscaleCNN, list]:
     """Train the multiscale CNN; keep the epoch with the fewest validation false positives at `retention`."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -172,7 +205,7 @@ def train_cnn(patches: np.ndarray, y: np.ndarray, val_patches: np.ndarray, val_y
             index = np.sort(order[i:i + batch])
             if len(index) < 2:  # batch norm needs two samples
                 continue
-            inputs = torch.from_numpy(augment(patches[index], rng).astype(np.float32))
+            inputs = torch.from_numpy(augment(patches[index], rng, fov_mm))
             optimizer.zero_grad()
             loss = loss_fn(model.logits(inputs), torch.as_tensor(y[index], dtype=torch.float32))
             loss.backward()
@@ -220,7 +253,7 @@ LEARNED_STAGES = ("feature_classifier", "multiscale_cnn")
 
 
 def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, retention: float = 0.98,
-                  minutes: float = 6.0, epochs: int = 30, learned=LEARNED_STAGES, log=print) -> dict:
+                  minutes: float = 6.0, epochs: int = 30, learned=LEARNED_STAGES, seed: int = 0, log=print) -> dict:
     cascade = json.loads((out / "model.json").read_text())
     stages = [s for s in cascade["stages"] if s["type"] == "features"]
     start = time.perf_counter()
@@ -229,8 +262,9 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
         f"cases, {len(val['labels'])} validation {_counts(val)} from {len(val['cases'])} cases "
         f"({time.perf_counter() - start:.0f} s)")
     inputs = FEATURE_STAGE_INPUTS + sorted(k for k in train["features"][0] if k.startswith("hessian_"))
-    record = {"retention_target": retention, "train": {"folders": [str(d) for d in train_dirs],
-              "cases": len(train["cases"]), "candidates": _counts(train)},
+    record = {"retention_target": retention, "epochs": epochs, "seed": seed,
+              "train": {"folders": [str(d) for d in train_dirs], "cases": len(train["cases"]),
+                        "candidates": _counts(train)},
               "validation": {"folders": [str(d) for d in val_dirs], "cases": len(val["cases"]),
                              "candidates": _counts(val)}, "stages": {}}
     next_order = max(s["order"] for s in stages) + 1
@@ -255,7 +289,8 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
             stage = {"input": "features", "feature_names": inputs}
         else:
             model, history = train_cnn(train["patches"][index], y, val["patches"][val_index], val_y, retention,
-                                       epochs=epochs, minutes=minutes, log=log)
+                                       cascade["patches"]["fov_mm"], epochs=epochs, minutes=minutes, seed=seed,
+                                       log=log)
             val_p = predict(model, val["patches"][val_index])
             example = torch.from_numpy(train["patches"][index[:4]].astype(np.float32))
             stage = {"input": "patches"}
@@ -286,11 +321,12 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=6.0, help="CNN training time limit")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the CNN's initialisation, order and augmentation")
     parser.add_argument("--stages", nargs="+", choices=LEARNED_STAGES, default=["multiscale_cnn"],
                         help="learned stages to train, in cascade order")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_cascade(args.train, args.val, args.out, args.retention, args.minutes, args.epochs, args.stages,
+    train_cascade(args.train, args.val, args.out, args.retention, args.minutes, args.epochs, args.stages, args.seed,
                   log=lambda line: print(line, flush=True))
 
 
