@@ -72,8 +72,7 @@ def _coarse_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, tupl
     strides = _strides(spacing)
     planes = hu[::strides[0]].astype(np.float32, copy=False)
     small = ndimage.uniform_filter(planes, size=(1, strides[1], strides[2]))[:, ::strides[1], ::strides[2]]
-    # fill before the opening that detaches table and cables: a thin chest wall would open and leave the lungs out
-    tissue = ndimage.binary_opening(_fill_axial_holes(small > BODY_HU), structure=np.ones((1, 3, 3), bool))
+    tissue = ndimage.binary_opening(small > BODY_HU, structure=np.ones((1, 3, 3), bool))  # detaches table, cables
     body = _fill_axial_holes(_largest_component(tissue))
     air = body & (small < LUNG_HU)
     labels, count = ndimage.label(air)
