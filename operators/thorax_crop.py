@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
@@ -30,6 +31,7 @@ LUNG_HU = -400.0  # aerated lung below (inside the body)
 MIN_LUNG_ML = 250.0  # less aerated lung than this (both lungs together): not a chest CT
 MIN_LUNG_PART_ML = 5.0  # air pockets inside the body smaller than this are not lung
 DEFAULT_MARGIN_MM = 30.0
+CHEST_WALL_MM = 6.0  # the thinnest chest wall expected outside the lungs
 
 
 class NoThoraxError(StudyError):
@@ -58,6 +60,20 @@ def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
 
 
+def _axial_convex_hulls(mask: np.ndarray) -> np.ndarray:
+    """Per axial plane, the mask's filled convex hull."""
+    hulls = np.zeros_like(mask)
+    grid = np.indices(mask.shape[1:]).reshape(2, -1).T
+    for z, plane in enumerate(mask):
+        points = np.argwhere(plane)
+        try:
+            equations = ConvexHull(points).equations
+        except (QhullError, ValueError):  # fewer than three points, or all on a line
+            continue
+        hulls[z] = (grid @ equations[:, :2].T + equations[:, 2] <= 1e-9).all(axis=1).reshape(plane.shape)
+    return hulls
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(mask)
     if count == 0:
@@ -72,8 +88,15 @@ def _coarse_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, tupl
     strides = _strides(spacing)
     planes = hu[::strides[0]].astype(np.float32, copy=False)
     small = ndimage.uniform_filter(planes, size=(1, strides[1], strides[2]))[:, ::strides[1], ::strides[2]]
-    tissue = ndimage.binary_opening(small > BODY_HU, structure=np.ones((1, 3, 3), bool))  # detaches table, cables
-    body = _fill_axial_holes(_largest_component(tissue))
+    tissue = small > BODY_HU
+    opened = ndimage.binary_opening(tissue, structure=np.ones((1, 3, 3), bool))  # detaches table, cables
+    body = _fill_axial_holes(_largest_component(opened))
+    # A chest wall thinner than the opening leaves gaps in the outline, and the lungs outside the body: add what
+    # the unopened tissue encloses deeper than a chest wall inside the body's convex outline (not the air
+    # between the back and a curved table pad).
+    inner = ndimage.binary_erosion(_axial_convex_hulls(body), np.ones((1, 3, 3), bool),
+                                   iterations=max(1, round(CHEST_WALL_MM / MASK_GRID_MM)))
+    body |= _fill_axial_holes(tissue) & inner
     air = body & (small < LUNG_HU)
     labels, count = ndimage.label(air)
     voxel_ml = np.prod(np.asarray(spacing) * strides) / 1000.0

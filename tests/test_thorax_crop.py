@@ -67,3 +67,26 @@ def test_masks_are_fast_on_a_large_volume(phantom_study):
     crop_thorax(hu, phantom_study[1].spacing)
     assert time.perf_counter() - start < 10.0
     assert body.shape == lungs.shape == hu.shape and not (lungs & ~body).any()
+
+
+def _thin_walled_chest(spacing=(2.0, 0.8, 0.8), slices=60):
+    """HU [z, y, x]: an elliptical body (224 x 160 mm) of aerated lung behind a 14 mm chest wall that is only
+    6 mm thick in three places, with a mediastinum and a 35 mm thick back, 10 mm above a table. Returns HU,
+    spacing and the lung voxel count."""
+    y, x = np.mgrid[:400, :400] * spacing[1]
+    radius, angle = np.hypot(y - 160, (x - 160) / 1.4), np.degrees(np.arctan2(y - 160, (x - 160) / 1.4))
+    thin = (np.abs(angle + 90) < 10) | (np.abs(angle + 30) < 10) | (np.abs(angle + 150) < 10)
+    plane = np.full(radius.shape, -1000.0)
+    plane[radius < 80] = -850.0
+    plane[(radius < 80) & ((radius >= 66) & ~thin | (radius >= 74))] = -100.0
+    plane[(radius < 80) & ((np.abs(x - 160) < 15) | (y > 205))] = 40.0
+    plane[(y > 250) & (y < 256) & (np.abs(x - 160) < 130)] = 200.0  # table
+    return np.repeat(plane[None].astype(np.float32), slices, axis=0), spacing, (plane == -850.0).sum() * slices
+
+
+def test_lungs_inside_a_thin_chest_wall():
+    """A chest wall thinner in places than the opening that detaches the table still encloses the lungs."""
+    hu, spacing, lung_voxels = _thin_walled_chest()
+    crop = crop_thorax(hu, spacing)
+    assert crop.lung_volume_ml == pytest.approx(lung_voxels * np.prod(spacing) / 1000.0, rel=0.1)
+    assert crop.box[1].stop * spacing[1] < 240 + 30 + 5  # the body's back (240 mm) plus the 30 mm margin
