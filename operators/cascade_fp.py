@@ -121,6 +121,11 @@ def _sample(volume: np.ndarray, axes: list[np.ndarray], value: int | None = None
     return ndimage.map_coordinates(block.astype(np.float32), grid, order=1, mode="nearest")
 
 
+def cell_centres(size: int) -> np.ndarray:
+    """Positions of a patch's `size` cells along one axis, across a cube of side 1 centred on 0."""
+    return (np.arange(size) - (size - 1) / 2) / size
+
+
 def multiscale_patches(labels: np.ndarray, hu: np.ndarray, spacing, spec: dict, indices=None) -> np.ndarray:
     """Patches of candidates `indices` (0-based; all by default), float32 [N, scales, 2, size, size, size].
 
@@ -131,7 +136,7 @@ def multiscale_patches(labels: np.ndarray, hu: np.ndarray, spacing, spec: dict, 
     low, high = spec["intensity_window_hu"]
     boxes = ndimage.find_objects(labels)
     indices = range(len(boxes)) if indices is None else indices
-    steps = (np.arange(size) - (size - 1) / 2) / size  # cell centres across a cube of side 1
+    steps = cell_centres(size)
     patches = np.zeros((len(indices), len(spec["fov_mm"]), 2, size, size, size), np.float32)
     for n, index in enumerate(indices):
         box = boxes[index]

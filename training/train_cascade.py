@@ -36,7 +36,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from operators.cascade_fp import run_stages
+from operators.cascade_fp import cell_centres, run_stages
 
 # + every hessian_* measure of the patch spec; not the network's probabilities, which differ between the
 # mining networks and are below the operating threshold for every near miss by construction
@@ -142,7 +142,8 @@ def augment(batch: np.ndarray, rng: np.random.Generator, fov_mm, partial: float 
     shift of the centre by up to `jitter_mm` per axis."""
     out = batch.astype(np.float32)
     size = out.shape[-1]
-    steps = (np.arange(size) - (size - 1) / 2) / size  # cell centres across a cube of side 1
+    steps = cell_centres(size)
+    grids = [np.stack(np.meshgrid(*[steps * fov] * 3, indexing="ij")) for fov in fov_mm]  # mm, [3, P, P, P]
     for n in range(len(out)):
         for axis in (-3, -2, -1):
             if rng.random() < 0.5:
@@ -151,7 +152,7 @@ def augment(batch: np.ndarray, rng: np.random.Generator, fov_mm, partial: float 
             out[n] = np.swapaxes(out[n], -2, -1)
         centre = rng.uniform(-jitter_mm, jitter_mm, 3)
         if rng.random() < partial:
-            centre += _cut_mask(out[n], steps, fov_mm, rng)
+            centre += _cut_mask(out[n], grids, rng)
         for s, fov in enumerate(fov_mm):
             shift = -centre * size / fov  # voxels
             out[n, s, 0] = ndimage.shift(out[n, s, 0], shift, order=1, mode="nearest")
@@ -159,20 +160,20 @@ def augment(batch: np.ndarray, rng: np.random.Generator, fov_mm, partial: float 
     return out
 
 
-def _cut_mask(patch: np.ndarray, steps: np.ndarray, fov_mm, rng: np.random.Generator) -> np.ndarray:
+def _cut_mask(patch: np.ndarray, grids: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """Cut the candidate mask of every scale of `patch` (in place) by one random plane, keeping 20-90 % of
-    it at the finest scale; returns the centroid (mm from the patch centre, z y x) of what is left."""
-    inside = np.argwhere(patch[0, 1] > 0.5)
-    if len(inside) < 8:
+    it at the finest scale; `grids` are each scale's cell positions (mm from the patch centre, z y x).
+    Returns the centroid (mm) of what is left."""
+    inside = patch[0, 1] > 0.5
+    if inside.sum() < 8:
         return np.zeros(3)
     normal = rng.normal(size=3)
     normal /= np.linalg.norm(normal)
-    offset = np.quantile(steps[inside] @ normal * fov_mm[0], rng.uniform(0.2, 0.9))
-    for s, fov in enumerate(fov_mm):
-        z, y, x = np.meshgrid(*[steps * fov] * 3, indexing="ij")
-        patch[s, 1] *= (z * normal[0] + y * normal[1] + x * normal[2]) <= offset
-    left = np.argwhere(patch[0, 1] > 0.5)
-    return steps[left].mean(axis=0) * fov_mm[0] if len(left) else np.zeros(3)
+    offset = np.quantile(np.tensordot(normal, grids[0], 1)[inside], rng.uniform(0.2, 0.9))
+    for s, grid in enumerate(grids):
+        patch[s, 1] *= np.tensordot(normal, grid, 1) <= offset
+    left = patch[0, 1] > 0.5
+    return grids[0][:, left].mean(axis=1) if left.any() else np.zeros(3)
 
 
 def predict(model: nn.Module, patches: np.ndarray, batch: int = 64) -> np.ndarray:
