@@ -12,8 +12,8 @@ from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
 from training.mine_candidates import match_candidates, near_misses
-from training.train_cascade import (MultiscaleCNN, Standardized, augment, export_stage, threshold_for_retention,
-                                    train_cnn, train_feature_classifier)
+from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, export_stage,
+                                    threshold_for_retention, train_cnn, train_feature_classifier)
 
 SPEC = {"fov_mm": [20, 40, 80], "size": 24, "intensity_window_hu": [-1000, 400]}
 FEATURE_STAGE = shipped_feature_stage(min_long_axis_mm=10.0)  # the tests' sizes assume a 10 mm rule
@@ -179,7 +179,8 @@ def _save_stages(folder, stages_and_modules):
 def test_exported_stages_load_and_match_the_eager_models(tmp_path):
     patches, features, _ = _synthetic_candidates(6)
     torch.manual_seed(0)
-    cnn, mlp = MultiscaleCNN().eval(), Standardized(features.mean(0), features.std(0) + 1e-6).eval()
+    members = [MultiscaleCNN().eval() for _ in range(2)]
+    cnn, mlp = MeanProbability(members).eval(), Standardized(features.mean(0), features.std(0) + 1e-6).eval()
     export_stage(cnn, torch.from_numpy(patches[:2]), tmp_path / "cnn.ts")
     export_stage(mlp, torch.from_numpy(features[:2]), tmp_path / "mlp.ts")
     names = sorted(hessian_features(patches[:1], SPEC)[0])
@@ -190,6 +191,8 @@ def test_exported_stages_load_and_match_the_eager_models(tmp_path):
     ])
     with torch.no_grad():
         eager_cnn, eager_mlp = cnn(torch.from_numpy(patches)).numpy(), mlp(torch.from_numpy(features)).numpy()
+        member_mean = np.mean([member(torch.from_numpy(patches)).numpy() for member in members], axis=0)
+    assert np.allclose(eager_cnn, member_mean, atol=1e-6)
     feature_dicts = [dict(zip(names, row.tolist())) for row in features]
     assert np.allclose(stage_probability(cascade["stages"][1], feature_dicts, patches), eager_cnn, atol=1e-5)
     assert np.allclose(stage_probability(cascade["stages"][0], feature_dicts, None), eager_mlp, atol=1e-5)

@@ -1,7 +1,7 @@
 """Train the cascade's learned stages on mined candidates and export them to models/cascade_fp.
 
     python -m training.train_cascade --train runs/cascade/mined/train runs/cascade/mined/train_cpu_model \
-        --val runs/cascade/mined/val --out models/cascade_fp [--retention 0.98] [--minutes 6]
+        --val runs/cascade/mined/val --out models/cascade_fp [--retention 0.99] [--seeds 0 1 2 3 4]
 
 Input: folders of training.mine_candidates .npz files (never the held-out seeds 3000+ or the real cases),
 their candidates and near misses (false). Stage 1, the hand-set feature stage, comes from
@@ -16,8 +16,9 @@ stages (--stages), in order of cost:
   channels), the streams' pooled features joined by a small head; augmentation by flips, in-plane
   transposes, centre jitter and partial outlines (`augment`), since on unfamiliar scans the network
   often outlines only part of a lesion.
-Both use class-balanced BCE (positive weight = false / true). The CNN keeps the epoch whose
-validation candidates give the fewest false positives at the retention threshold. Each stage's
+Both use class-balanced BCE (positive weight = false / true). The CNN stage is the mean probability of
+one network per seed (`--seeds`), each trained for `--epochs` with a cosine learning-rate decay and
+taken at its last epoch: validation never picks weights, it only sets thresholds. Each stage's
 threshold is the highest that keeps >= `retention` of the true validation candidates reaching it.
 Writes OUT/<stage>.ts (TorchScript, probability [N]) and OUT/model.json (stages, thresholds, the
 training record).
@@ -83,6 +84,17 @@ class MultiscaleCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
+
+
+class MeanProbability(nn.Module):
+    """The mean of its members' probabilities [N]: an ensemble exported as one module."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
 
 
 def load_folders(folders: list[Path]) -> dict:
@@ -190,15 +202,16 @@ def false_kept(probabilities: np.ndarray, labels: np.ndarray, retention: float) 
 
 
 def train_cnn(patches: np.ndarray, y: np.ndarray, val_patches: np.ndarray, val_y: np.ndarray, retention: float,
-              fov_mm, epochs: int = 30, minutes: float = 6.0, batch: int = 32, seed: int = 0,
-              log=print) -> tuple[MultiscaleCNN, list]:
-    """Train the multiscale CNN; keep the epoch with the fewest validation false positives at `retention`."""
+              fov_mm, epochs: int = 40, batch: int = 32, seed: int = 0, log=print) -> tuple[MultiscaleCNN, list]:
+    """Train the multiscale CNN for `epochs` with a cosine learning-rate decay and return its final weights;
+    the validation candidates are only watched (share of false kept at `retention`), never used to pick."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = MultiscaleCNN(scales=patches.shape[1], channels=patches.shape[2])
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     loss_fn = _balanced_loss(y)
-    best, best_state, history, start = math.inf, None, [], time.perf_counter()
+    history, start = [], time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
         order, losses = rng.permutation(len(y)), []
@@ -212,16 +225,11 @@ def train_cnn(patches: np.ndarray, y: np.ndarray, val_patches: np.ndarray, val_y
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+        schedule.step()
         kept = false_kept(predict(model, val_patches), val_y, retention) if len(val_y) else 0.0
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_false_kept": kept})
-        if kept < best or best_state is None:
-            best, best_state = kept, {k: v.clone() for k, v in model.state_dict().items()}
-        log(f"  epoch {epoch}: loss {np.mean(losses):.4f}, validation false kept {kept:.3f} "
+        log(f"  seed {seed} epoch {epoch}/{epochs}: loss {np.mean(losses):.4f}, validation false kept {kept:.3f} "
             f"({time.perf_counter() - start:.0f} s)")
-        elapsed = time.perf_counter() - start
-        if elapsed * (epoch + 1) / epoch > minutes * 60:  # the next epoch would overrun
-            break
-    model.load_state_dict(best_state)
     return model.eval(), history
 
 
@@ -254,7 +262,7 @@ LEARNED_STAGES = ("feature_classifier", "multiscale_cnn")
 
 
 def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, retention: float = 0.98,
-                  minutes: float = 6.0, epochs: int = 30, learned=LEARNED_STAGES, seed: int = 0, log=print) -> dict:
+                  epochs: int = 40, learned=LEARNED_STAGES, seeds=(0,), log=print) -> dict:
     cascade = json.loads((out / "model.json").read_text())
     stages = [s for s in cascade["stages"] if s["type"] == "features"]
     start = time.perf_counter()
@@ -263,7 +271,7 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
         f"cases, {len(val['labels'])} validation {_counts(val)} from {len(val['cases'])} cases "
         f"({time.perf_counter() - start:.0f} s)")
     inputs = FEATURE_STAGE_INPUTS + sorted(k for k in train["features"][0] if k.startswith("hessian_"))
-    record = {"retention_target": retention, "epochs": epochs, "seed": seed,
+    record = {"retention_target": retention, "epochs": epochs, "seeds": list(seeds),
               "train": {"folders": [str(d) for d in train_dirs], "cases": len(train["cases"]),
                         "candidates": _counts(train)},
               "validation": {"folders": [str(d) for d in val_dirs], "cases": len(val["cases"]),
@@ -289,9 +297,9 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
                                                                                              "loss_last": losses[-1]}
             stage = {"input": "features", "feature_names": inputs}
         else:
-            model, history = train_cnn(train["patches"][index], y, val["patches"][val_index], val_y, retention,
-                                       cascade["patches"]["fov_mm"], epochs=epochs, minutes=minutes, seed=seed,
-                                       log=log)
+            members = [train_cnn(train["patches"][index], y, val["patches"][val_index], val_y, retention,
+                                 cascade["patches"]["fov_mm"], epochs=epochs, seed=seed, log=log) for seed in seeds]
+            model, history = MeanProbability([m for m, _ in members]), [h for _, h in members]
             val_p = predict(model, val["patches"][val_index])
             example = torch.from_numpy(train["patches"][index[:4]].astype(np.float32))
             stage = {"input": "patches"}
@@ -319,15 +327,15 @@ def main(argv=None) -> None:
     parser.add_argument("--val", type=Path, nargs="+", required=True, help="mined folders for thresholds")
     parser.add_argument("--out", type=Path, default=Path("models/cascade_fp"))
     parser.add_argument("--retention", type=float, default=0.98, help="share of true candidates each stage keeps")
-    parser.add_argument("--minutes", type=float, default=6.0, help="CNN training time limit")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the CNN's initialisation, order and augmentation")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one CNN per seed (initialisation, order, augmentation); the stage is their mean")
     parser.add_argument("--stages", nargs="+", choices=LEARNED_STAGES, default=["multiscale_cnn"],
                         help="learned stages to train, in cascade order")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_cascade(args.train, args.val, args.out, args.retention, args.minutes, args.epochs, args.stages, args.seed,
+    train_cascade(args.train, args.val, args.out, args.retention, args.epochs, args.stages, args.seeds,
                   log=lambda line: print(line, flush=True))
 
 
