@@ -32,6 +32,12 @@ MIN_LUNG_ML = 250.0  # less aerated lung than this (both lungs together): not a 
 MIN_LUNG_PART_ML = 5.0  # air pockets inside the body smaller than this are not lung
 DEFAULT_MARGIN_MM = 30.0
 CHEST_WALL_MM = 6.0  # the thinnest chest wall expected outside the lungs
+NOT_IMAGED_HU = -1100.0  # below any air: padding outside the reconstruction circle
+# Lung cut open by the field of view (see _coarse_masks): at least this large, its median above plain air's (parenchyma
+# and vessels; the air around a body has its median below), and this share of it in the body's convex outline.
+MIN_CUT_LUNG_ML = 50.0
+CUT_LUNG_MEDIAN_HU = -900.0
+CUT_LUNG_IN_OUTLINE = 0.1
 
 
 class NoThoraxError(StudyError):
@@ -83,6 +89,21 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
+def _never_imaged(planes: np.ndarray, strides) -> np.ndarray:
+    """Per (row, column) of the strided grid: never imaged in any slice (padding below any air, or the same
+    air value in every slice, as outside a reconstruction circle)."""
+    never = (planes <= NOT_IMAGED_HU).all(axis=0) | ((planes == planes[0]).all(axis=0) & (planes[0] <= LUNG_HU))
+    return ndimage.maximum_filter(never, size=strides[1:])[::strides[1], ::strides[2]]
+
+
+def _components(mask: np.ndarray, voxel_ml: float, min_ml: float) -> tuple[np.ndarray, list[int]]:
+    """Face-connected components of `mask` and the labels of those of at least `min_ml`."""
+    labels, count = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
+    sizes[0] = 0.0
+    return labels, np.flatnonzero(sizes >= min_ml).tolist()
+
+
 def _coarse_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
     """Body and lung masks on the strided grid, and the strides used."""
     strides = _strides(spacing)
@@ -94,16 +115,26 @@ def _coarse_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, tupl
     # A chest wall thinner than the opening leaves gaps in the outline, and the lungs outside the body: add what
     # the unopened tissue encloses deeper than a chest wall inside the body's convex outline (not the air
     # between the back and a curved table pad).
-    inner = ndimage.binary_erosion(_axial_convex_hulls(body), np.ones((1, 3, 3), bool),
+    outline = _axial_convex_hulls(body)
+    inner = ndimage.binary_erosion(outline, np.ones((1, 3, 3), bool),
                                    iterations=max(1, round(CHEST_WALL_MM / MASK_GRID_MM)))
     body |= _fill_axial_holes(tissue) & inner
-    air = body & (small < LUNG_HU)
-    labels, count = ndimage.label(air)
     voxel_ml = np.prod(np.asarray(spacing) * strides) / 1000.0
-    sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
-    sizes[0] = 0.0
-    lungs = np.isin(labels, np.flatnonzero(sizes >= MIN_LUNG_PART_ML))
-    return body, lungs, strides
+    labels, large = _components(body & (small < LUNG_HU), voxel_ml, MIN_LUNG_PART_ML)
+    lungs = np.isin(labels, large)
+    # A field of view narrower than the chest (cardiac, targeted reconstructions) cuts the lungs open at its
+    # edge, so no outline encloses them: air cut by that edge is lung too when it looks like lung (the air around
+    # the body, which the never-imaged area does not join to the lungs, is plain air outside the outline).
+    never = _never_imaged(planes, strides)
+    edge = ndimage.binary_dilation(never, np.ones((3, 3), bool))
+    edge[[0, -1], :] = edge[:, [0, -1]] = True
+    open_air = (small < LUNG_HU) & ~lungs & ~never
+    labels, large = _components(open_air, voxel_ml, MIN_CUT_LUNG_ML)
+    touching = np.unique(labels[:, edge])
+    cut = [k for k in large if k in touching and np.median(small[labels == k]) > CUT_LUNG_MEDIAN_HU
+           and outline[labels == k].mean() >= CUT_LUNG_IN_OUTLINE]
+    lungs |= np.isin(labels, cut)
+    return body | lungs, lungs, strides
 
 
 def _to_input_grid(mask: np.ndarray, strides, shape, box=None) -> np.ndarray:

@@ -90,3 +90,24 @@ def test_lungs_inside_a_thin_chest_wall():
     crop = crop_thorax(hu, spacing)
     assert crop.lung_volume_ml == pytest.approx(lung_voxels * np.prod(spacing) / 1000.0, rel=0.1)
     assert crop.box[1].stop * spacing[1] < 240 + 30 + 5  # the body's back (240 mm) plus the 30 mm margin
+
+
+@pytest.mark.parametrize("outside_circle", [None, -1024.0, -3024.0])
+def test_lungs_cut_open_by_a_narrow_field_of_view(phantom_study, outside_circle):
+    """A field of view narrower than the chest (cardiac, targeted reconstructions) cuts the lungs open at the
+    image edge or the reconstruction circle: they are still lungs, and the lesions lie in the box."""
+    phantom = phantom_study[1]
+    lungs_y, lungs_x = (np.flatnonzero(phantom.lungs.any(axis=axes)) for axes in ((0, 2), (0, 1)))
+    columns = slice(lungs_x[0] + 20, lungs_x[-1] - 20)  # about 15 mm of each lung outside the square image
+    centre, half = (lungs_y[0] + lungs_y[-1]) // 2, (columns.stop - columns.start) // 2
+    square = (slice(None), slice(centre - half, centre + half), columns)
+    hu, lungs, label = (a[square].copy() for a in (phantom.hu.astype(np.float32), phantom.lungs, phantom.label))
+    if outside_circle is not None:
+        y, x = np.ogrid[:hu.shape[1], :hu.shape[2]]
+        half = hu.shape[2] / 2
+        hu[:, (y - half) ** 2 + (x - half) ** 2 > half ** 2] = outside_circle
+    crop = crop_thorax(hu, phantom.spacing)
+    found = np.zeros(hu.shape, bool)
+    found[crop.box] = crop.lungs
+    assert (found & lungs).sum() >= 0.8 * lungs.sum()
+    assert _lesion_voxels_outside(label, crop.box) == 0

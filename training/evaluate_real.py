@@ -1,0 +1,255 @@
+"""The whole app's analysis on real CT with lesion truth: every lesion found or not (and which step lost
+it), every false lesion with its size and place, and the set metrics of ../shared/docs/DESIGN.md.
+
+    python -m training.evaluate_real --set "real (test only)" ../shared/data/real \
+        --set "real-train" ../shared/data/real-train --out runs/eval_real [--cascade DIR] [--seg-model DIR]
+
+Each --set is a folder of cases as in ../shared/data (`dicom/`, `truth.json`, `truth.npz`). Per case the
+app's own plain functions run in the app's order: thoracic box (operators.thorax_crop), lesion probability
+and candidates (operators.lesion_segmentation), the cascade (operators.cascade_fp). The network's
+probability is cached per case and network in OUT/cache, so other cascades are evaluated in seconds.
+
+Missed lesions name the step that lost them: "thorax box" (under half of it inside the box), "segmentation"
+(no candidate detects it; the network's highest probability inside it is given) or the cascade stage that
+dropped the candidate that detected it. Partial truth (`"partial_truth": true`, real-train: one target
+lesion outlined per patient): sensitivity and lesion Dice of the targets only; other kept lesions are
+listed as "unlabelled findings" (not proven false) and no FP rate or case Dice is given for such a set.
+
+Writes OUT/report.md (tables) and OUT/report.json; prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from operators.cascade_fp import filter_candidates, load_cascade
+from operators.lesion_segmentation import extract_candidates, load_model_config, predict_lesion_probability
+from operators.measurements import axial_diameters, lesion_location
+from operators.thorax_crop import NoThoraxError, crop_thorax
+from training.metrics import evaluate_case, summarize
+from training.real_cases import real_case_arrays
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def network_key(seg_dir: Path) -> str:
+    """Identifies a network and its inference settings (the cache key of its probabilities)."""
+    digest = hashlib.sha1((seg_dir / "model.json").read_bytes())
+    digest.update((seg_dir / load_model_config(seg_dir).get("file", "model.ts")).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_config: dict, cache: Path) -> np.ndarray:
+    """The network's lesion probability in the thorax box (cached as float16 in `cache`)."""
+    path = cache / f"{name}.npy"
+    if path.exists():
+        return np.load(path).astype(np.float32)
+    with torch.inference_mode():
+        probability = predict_lesion_probability(hu[thorax.box], spacing, model, seg_config)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, probability.astype(np.float16))
+    tmp.replace(path)
+    return probability
+
+
+def _place(centroid_zyx, spacing, lungs: np.ndarray) -> str:
+    """Side, zone or mediastinum/hilum of a centroid (volume mm, x growing to the patient's left)."""
+    where = [np.flatnonzero(lungs.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
+    if not all(len(w) for w in where):
+        return "outside the lungs"
+    mm = np.asarray(centroid_zyx) * spacing
+    lung_box = (where[2][0] * spacing[2], where[2][-1] * spacing[2], where[0][0] * spacing[0], where[0][-1] * spacing[0])
+    z, y, x = (int(round(c)) for c in centroid_zyx)
+    contact = 1.0 if lungs[min(z, lungs.shape[0] - 1), min(y, lungs.shape[1] - 1), min(x, lungs.shape[2] - 1)] else 0.0
+    return lesion_location((mm[2], mm[1], mm[0]), contact, lung_box)["text"]
+
+
+def evaluate_real_case(folder: Path, model, seg_config: dict, cascade: dict, cache: Path) -> dict:
+    """One case: the app's steps, then every lesion and every kept instance described."""
+    truth_doc = json.loads((folder / "truth.json").read_text())
+    partial = bool(truth_doc.get("partial_truth", False))
+    start = time.perf_counter()
+    hu, truth, spacing, _, boxes_only = real_case_arrays(folder)
+    hu = hu.astype(np.float32)
+    prediction = np.zeros(hu.shape, np.int32)
+    scores, candidates_full, features = {}, None, []
+    network_max = np.zeros(hu.shape, np.float32)
+    try:
+        thorax = crop_thorax(hu, spacing)
+    except NoThoraxError:
+        thorax = None
+    if thorax is not None:
+        probability = case_probability(folder.name, hu, spacing, thorax, model, seg_config, cache)
+        network_max[thorax.box] = probability
+        candidates = extract_candidates(probability, seg_config["probability_threshold"], spacing)
+        result = filter_candidates(candidates, hu[thorax.box], spacing, thorax, cascade)
+        prediction[thorax.box] = result.labels
+        scores = {k: s for k, s in enumerate(result.scores, 1)}
+        features = result.features
+        candidates_full = np.zeros(hu.shape, np.int32)
+        candidates_full[thorax.box] = candidates.labels
+    metrics = evaluate_case(prediction, truth, spacing, scores, boxes_only=boxes_only, name=folder.name)
+    kinds = {lesion["id"]: lesion.get("kind") or ", ".join(lesion.get("histology", [])) or None
+             for lesion in truth_doc.get("lesions", [])}
+    lesions = []
+    for lesion in metrics.lesions:
+        mask = truth == lesion.label
+        entry = {"lesion": lesion.label, "diameter_mm": round(lesion.diameter_mm, 1), "kind": kinds.get(lesion.label),
+                 "measurable": lesion.measurable, "mean_hu": round(float(hu[mask].mean())), "found": lesion.detected,
+                 "dice": None if lesion.dice is None else round(lesion.dice, 3),
+                 "network_max_probability": round(float(network_max[mask].max()), 3)}
+        if not lesion.detected:
+            entry["lost_at"] = _lost_at(mask, thorax, candidates_full, features, boxes_only)
+        lesions.append(entry)
+    instances = []
+    lungs = np.zeros(hu.shape, bool)
+    if thorax is not None:
+        lungs[thorax.box] = thorax.lungs
+    touching = set(np.unique(prediction[truth > 0]).tolist())
+    for k, box in enumerate(ndimage.find_objects(prediction), 1):
+        if box is None or k in touching:
+            continue
+        mask = prediction[box] == k
+        centroid = np.asarray(ndimage.center_of_mass(mask)) + [s.start for s in box]
+        instances.append({"instance": k, "long_axis_mm": round(axial_diameters(mask, spacing).long_mm, 1),
+                          "volume_ml": round(float(mask.sum() * np.prod(spacing) / 1000), 2),
+                          "mean_hu": round(float(hu[box][mask].mean())), "score": round(scores[k], 3),
+                          "centroid_voxel_zyx": [int(round(c)) for c in centroid],
+                          "place": _place(centroid, np.asarray(spacing), lungs)})
+    return {"case": folder.name, "partial_truth": partial, "boxes_only": boxes_only, "no_thorax": thorax is None,
+            "shape": list(hu.shape), "spacing_mm": [round(float(s), 3) for s in spacing],
+            "lesions": lesions, "false_lesions": instances, "candidates": _matched(candidates_full, truth, features),
+            "metrics": metrics,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _lost_at(mask: np.ndarray, thorax, candidates: np.ndarray, features: list[dict], boxes_only: bool) -> str:
+    """The step that lost a missed truth lesion (see the module notes)."""
+    if thorax is None:
+        return "thorax box (no thorax found)"
+    inside = np.zeros(mask.shape, bool)
+    inside[thorax.box] = True
+    if inside[mask].mean() < 0.5:
+        return "thorax box"
+    labels, overlap = np.unique(candidates[mask & (candidates > 0)], return_counts=True)
+    sizes = np.bincount(candidates.ravel())
+    dice = 2 * overlap / (sizes[labels] + mask.sum())
+    best = [(d, k) for d, k in zip(dice, labels) if boxes_only or d >= 0.1]
+    if not best:
+        return "segmentation"
+    return "cascade " + features[max(best)[1] - 1].get("dropped_by", "?")
+
+
+def _matched(candidates: np.ndarray | None, truth: np.ndarray, features: list[dict]) -> list[dict]:
+    """Every candidate's features with the truth lesion it overlaps most ("truth_lesion", 0 for none)."""
+    if candidates is None:
+        return []
+    both = (candidates > 0) & (truth > 0)
+    pairs, overlap = np.unique(candidates[both].astype(np.int64) * 65536 + truth[both], return_counts=True)
+    best = {}
+    for pair, count in zip(pairs, overlap):
+        k, lesion = divmod(int(pair), 65536)
+        if count > best.get(k, (0, 0))[0]:
+            best[k] = (count, lesion)
+    return [{**f, "truth_lesion": best.get(k, (0, 0))[1]} for k, f in enumerate(features, 1)]
+
+
+def summarize_set(cases: list[dict]) -> dict:
+    """Set metrics; for partial truth only the target sensitivity and lesion Dice."""
+    summary = summarize([case["metrics"] for case in cases])
+    summary.pop("froc")
+    if any(case["partial_truth"] for case in cases):
+        summary = {key: summary[key] for key in ("cases", "measurable_lesions", "detected", "sensitivity",
+                                                 "lesion_dice_mean")}
+        summary["unlabelled_findings_per_scan"] = sum(len(c["false_lesions"]) for c in cases) / max(len(cases), 1)
+    return summary
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict]) -> str:
+    lines = ["## Lesions", "", "| set | case | lesion | diameter mm | kind | found | Dice | network max p | lost at |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, cases in sets.items():
+        for case in cases:
+            for lesion in case["lesions"]:
+                if lesion["measurable"]:
+                    lines.append(f"| {name} | {case['case']} | {lesion['lesion']} | {lesion['diameter_mm']} | "
+                                 f"{lesion['kind'] or '-'} | {'yes' if lesion['found'] else 'NO'} | "
+                                 f"{_fmt(lesion['dice'])} | {lesion['network_max_probability']} | "
+                                 f"{lesion.get('lost_at', '')} |")
+    lines += ["", "## Kept instances touching no truth lesion (false lesions; partial truth: unlabelled findings)", "",
+              "| set | case | long axis mm | volume ml | mean HU | score | place | centroid voxel z, y, x |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, cases in sets.items():
+        for case in cases:
+            for fp in case["false_lesions"]:
+                lines.append(f"| {name} | {case['case']} | {fp['long_axis_mm']} | {fp['volume_ml']} | {fp['mean_hu']} | "
+                             f"{fp['score']} | {fp['place']} | {fp['centroid_voxel_zyx']} |")
+    lines += ["", "## Sets", "", "| set | metric | value |", "|---|---|---|"]
+    for name, summary in summaries.items():
+        for key, value in summary.items():
+            if key != "cpm_sensitivities":
+                lines.append(f"| {name} | {key} | {_fmt(value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: Path, log=print) -> dict:
+    seg_config = load_model_config(seg_dir)
+    model = torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts")), map_location="cpu").eval()
+    cascade = load_cascade(cascade_dir)
+    cache = out / "cache" / network_key(seg_dir)
+    folders = {name: sorted(p for p in folder.iterdir() if (p / "truth.json").is_file()) for name, folder in sets.items()}
+    total, done, start = sum(map(len, folders.values())), 0, time.perf_counter()
+    results = {}
+    for name, cases in folders.items():
+        results[name] = []
+        for folder in cases:
+            case = evaluate_real_case(folder, model, seg_config, cascade, cache)
+            results[name].append(case)
+            done += 1
+            found = sum(lesion["found"] for lesion in case["lesions"] if lesion["measurable"])
+            measurable = sum(lesion["measurable"] for lesion in case["lesions"])
+            log(f"[{done}/{total}, {time.perf_counter() - start:.0f} s] {name} {case['case']}: {found}/{measurable} "
+                f"found, {len(case['false_lesions'])} other kept, {case['seconds']} s", flush=True)
+    summaries = {name: summarize_set(cases) for name, cases in results.items()}
+    report = format_report(results, summaries)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(report)
+    for cases in results.values():
+        for case in cases:
+            case["metrics"] = asdict(case["metrics"])
+    (out / "report.json").write_text(json.dumps({"seg_model": str(seg_dir), "cascade": str(cascade_dir),
+                                                 "sets": results, "summaries": summaries}, indent=1))
+    log(report)
+    return summaries
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", nargs=2, action="append", metavar=("NAME", "FOLDER"), required=True)
+    parser.add_argument("--seg-model", type=Path, default=REPO / "models" / "lesion_seg")
+    parser.add_argument("--cascade", type=Path, default=REPO / "models" / "cascade_fp")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    evaluate_sets({name: Path(folder) for name, folder in args.set}, args.seg_model, args.cascade, args.out)
+
+
+if __name__ == "__main__":
+    main()
