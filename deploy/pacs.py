@@ -84,7 +84,9 @@ def connect(url: str, timeout: float) -> DICOMwebClient:
         session.headers["Authorization"] = f"Bearer {os.environ['DICOMWEB_TOKEN']}"
     elif os.environ.get("DICOMWEB_USER"):
         session.auth = (os.environ["DICOMWEB_USER"], os.environ.get("DICOMWEB_PASSWORD", ""))
-    return DICOMwebClient(url.rstrip("/"), session=session, timeout=timeout)
+    client = DICOMwebClient(url.rstrip("/"), session=session, timeout=timeout)
+    client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=500)  # retried after 1 s and 2 s
+    return client
 
 
 def find_studies(client: DICOMwebClient, filters: dict[str, str]) -> list[str]:
@@ -135,24 +137,27 @@ def output_datasets(output_dir: Path, study_uid: str) -> list[pydicom.Dataset]:
 
 
 def store_outputs(client: DICOMwebClient, study_uid: str, datasets: list[pydicom.Dataset]) -> None:
-    """STOW-RS of all outputs in one request. Where the PACS keeps only some of them, those are deleted
-    again (DICOMweb DELETE) so that the study never holds half a result; the error says if that failed."""
+    """STOW-RS of all outputs in one request, then QIDO-RS for what the PACS kept. Where it kept only some
+    (refused the others, or dropped them silently), those are deleted again (DICOMweb DELETE) so that the
+    study holds no half result; where the PACS cannot delete, the error names the series to delete."""
     with pacs_errors(f"store into {study_uid}", client.base_url):
-        response = client.store_instances(datasets, study_instance_uid=study_uid)
-    failed = response.get("FailedSOPSequence", [])
-    if not failed:
+        client.store_instances(datasets, study_instance_uid=study_uid)
+        kept = [dataset for dataset in datasets if client.search_for_instances(
+            study_uid, str(dataset.SeriesInstanceUID), search_filters={"SOPInstanceUID": str(dataset.SOPInstanceUID)})]
+    if len(kept) == len(datasets):
         return
-    series_of = {str(dataset.SOPInstanceUID): str(dataset.SeriesInstanceUID) for dataset in datasets}
-    stored = [str(item.ReferencedSOPInstanceUID) for item in response.get("ReferencedSOPSequence", [])]
-    message = f"store into {study_uid}: {client.base_url} refused {len(failed)} of {len(datasets)} outputs"
+    message = f"store into {study_uid}: {client.base_url} kept {len(kept)} of {len(datasets)} outputs"
+    if not kept:
+        raise RoundTripError(EXIT_PACS, message)
     try:
         with pacs_errors("delete", client.base_url):
-            for sop_uid in stored:
-                client.delete_instance(study_uid, series_of[sop_uid], sop_uid)
+            for dataset in kept:
+                client.delete_instance(study_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
     except RoundTripError as error:
-        raise RoundTripError(EXIT_PACS, f"{message}; the {len(stored)} it kept could not be deleted ({error}): "
-                             f"delete series {', '.join(sorted({series_of[uid] for uid in stored}))}") from None
-    raise RoundTripError(EXIT_PACS, f"{message}; the {len(stored)} it kept were deleted")
+        series = ", ".join(str(dataset.SeriesInstanceUID) for dataset in kept)
+        raise RoundTripError(EXIT_PACS, f"{message} and could not delete them ({error}): delete series {series}"
+                             ) from None
+    raise RoundTripError(EXIT_PACS, f"{message}; deleted them again")
 
 
 def cstore_outputs(datasets: list[pydicom.Dataset], destination: str, calling_ae: str, timeout: float) -> None:
@@ -243,7 +248,7 @@ def main() -> int:
         try:
             client = connect(args.url, args.timeout)
             studies = args.study or find_studies(client, filters)
-            log.info("%d studies to analyse", len(studies))
+            log.info("studies to analyse: %d", len(studies))
         except RoundTripError as error:
             print(error, file=sys.stderr)
             return error.status

@@ -26,10 +26,15 @@ from tests.dicom_validation import assert_dciodvfy_clean
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "lungmap", "pacs-test-password"  # the command's account; "admin" loads the studies
+READER = ("reader", "reader-test-password")
 ADMIN = ("admin", "admin-test-password")
-# The command's account may not write: a PACS that refuses the store (HTTP 403), nothing stored.
-READ_ONLY = f"""function IncomingHttpRequestFilter(method, uri, ip, username, headers)
-  return method == 'GET' or username ~= '{USER}'
+# A strict PACS: "reader" may not write (the store is refused, HTTP 403), and SRs are dropped on arrival
+# (Orthanc still answers that the store succeeded).
+STRICT = f"""function IncomingHttpRequestFilter(method, uri, ip, username, headers)
+  return method == 'GET' or username ~= '{READER[0]}'
+end
+function ReceivedInstanceFilter(dicom, origin, info)
+  return dicom.Modality ~= 'SR'
 end"""
 
 
@@ -65,7 +70,7 @@ def orthanc(folder: Path, lua: str | None = None):
     config = {"Name": "lung-map-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
               "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "DicomCheckCalledAet": True,
               "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
-              "RegisteredUsers": {USER: PASSWORD, ADMIN[0]: ADMIN[1]},
+              "RegisteredUsers": dict([(USER, PASSWORD), READER, ADMIN]),
               "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True,  # C-STORE from 127.0.0.1 only
               "DicomModalities": {"lungmap": ["LUNGMAP", "127.0.0.1", 104]},
               "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
@@ -109,13 +114,13 @@ def _load(pacs: Pacs, folder: Path) -> None:
     pacs.client().store_instances([pydicom.dcmread(path) for path in sorted(folder.glob("*.dcm"))])
 
 
-def _round_trip(pacs_url: str, *arguments: str, models: Path | None = None, timeout: float = 600):
+def _round_trip(pacs_url: str, *arguments: str, models: Path | None = None, auth=(USER, PASSWORD)):
     """`python -m deploy.pacs` as a user runs it, credentials in the environment."""
-    environment = {**os.environ, "DICOMWEB_USER": USER, "DICOMWEB_PASSWORD": PASSWORD}
+    environment = {**os.environ, "DICOMWEB_USER": auth[0], "DICOMWEB_PASSWORD": auth[1]}
     command = [sys.executable, "-m", "deploy.pacs", "--url", pacs_url, "--timeout", "10", *arguments]
     command += ["-m", str(models)] if models else []
-    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
-    assert PASSWORD not in result.stdout + result.stderr
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    assert auth[1] not in result.stdout + result.stderr
     return result
 
 
@@ -210,21 +215,29 @@ def test_pacs_failures(pacs, studies):
     _one_line(_round_trip(pacs.url, "--study", "1.2.3.4"), 3, "study 1.2.3.4: not found in")
     _one_line(_round_trip(f"http://127.0.0.1:{_free_port()}/dicom-web", "--study", "1.2.3.4"), 3,
               "cannot reach http://127.0.0.1:")
-    wrong_password = subprocess.run([sys.executable, "-m", "deploy.pacs", "--url", pacs.url, "--study", "1.2.3.4"],
-                                    cwd=REPO, env={**os.environ, "DICOMWEB_USER": USER, "DICOMWEB_PASSWORD": "wrong"},
-                                    capture_output=True, text=True, timeout=120)
-    _one_line(wrong_password, 3, "answered HTTP 401")
+    _one_line(_round_trip(pacs.url, "--study", "1.2.3.4", auth=(USER, "wrong")), 3, "answered HTTP 401")
     _one_line(_round_trip(pacs.url, "--study", "1.2.3.4/../x"), 2, "not a UID")
 
 
-def test_refused_store(studies, no_lesion_models, tmp_path):
-    """A PACS that lets the command read but not write: one line, exit status 3, nothing stored."""
-    folder, study_uid = studies["lesions"]
-    with orthanc(tmp_path, READ_ONLY) as read_only:
-        _load(read_only, folder)
-        result = _round_trip(read_only.url, "--study", study_uid, models=no_lesion_models)
-        _one_line(result, 3, f"store into {study_uid}: {read_only.url} answered HTTP 403")
-        assert list(read_only.series(study_uid).values()) == ["CT"]
+@pytest.fixture(scope="module")
+def strict_pacs(studies, tmp_path_factory):
+    with orthanc(tmp_path_factory.mktemp("strict"), STRICT) as server:
+        _load(server, studies["no lesions"][0])
+        yield server
+
+
+def test_store_refused_or_kept_in_part(strict_pacs, studies, no_lesion_models):
+    """A PACS that lets the command read but not write: one line, exit status 3, nothing stored. One that keeps
+    the PDF but drops the SR and cannot delete (Orthanc): exit status 3, the line names the series to delete."""
+    study_uid = studies["no lesions"][1]
+    result = _round_trip(strict_pacs.url, "--study", study_uid, models=no_lesion_models, auth=READER)
+    _one_line(result, 3, f"store into {study_uid}: {strict_pacs.url} answered HTTP 403")
+    assert list(strict_pacs.series(study_uid).values()) == ["CT"]
+
+    result = _round_trip(strict_pacs.url, "--study", study_uid, models=no_lesion_models)
+    [kept] = [uid for uid, modality in strict_pacs.series(study_uid).items() if modality == "DOC"]
+    _one_line(result, 3, f"kept 1 of 2 outputs and could not delete them (delete: {strict_pacs.url} answered HTTP "
+                         f"405 Method Not Allowed): delete series {kept}")
 
 
 def test_cstore(studies, round_trip, tmp_path):
