@@ -198,7 +198,8 @@ def round_trip(client: DICOMwebClient, study_uid: str, work: Path, models: Path 
     if ours:
         log.info("study %s: skipped, it already holds %d output series of this app", study_uid, len(ours))
         return
-    shutil.rmtree(work, ignore_errors=True)  # an earlier run's files in --work
+    for folder in (work / "input", work / "output"):
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier run's files in --work
     start = time.perf_counter()
     count, size = retrieve_study(client, study_uid, work / "input")
     retrieved = time.perf_counter()
@@ -237,34 +238,33 @@ def main() -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s pacs: %(message)s")
     for name in ("dicomweb_client", "pynetdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    filters = dict(item.partition("=")[::2] for item in args.query or [])
-    bad = [uid for uid in args.study or [] if not (UID.fullmatch(uid) and len(uid) <= 64)]
-    if bad or "" in filters:
-        print(f"--study {bad[0]!r}: not a UID" if bad else "--query takes KEY=VALUE", file=sys.stderr)
+    bad = [f"--study {uid!r}: not a UID" for uid in args.study or [] if not (UID.fullmatch(uid) and len(uid) <= 64)]
+    bad += [f"--query {item!r}: not KEY=VALUE" for item in args.query or [] if not re.fullmatch(r"\w+=.+", item)]
+    if bad:
+        print(bad[0], file=sys.stderr)
         return EXIT_CANNOT_ANALYSE
-    failures = []
-    with contextlib.ExitStack() as stack:
-        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lung-map-pacs-")))
-        try:
-            client = connect(args.url, args.timeout)
-            studies = args.study or find_studies(client, filters)
-            log.info("studies to analyse: %d", len(studies))
-        except RoundTripError as error:
-            print(error, file=sys.stderr)
-            return error.status
-        for number, study_uid in enumerate(studies, 1):
+    filters = dict(item.split("=", 1) for item in args.query or [])
+    try:
+        client = connect(args.url, args.timeout)
+        studies = args.study or find_studies(client, filters)
+    except RoundTripError as error:
+        print(error, file=sys.stderr)
+        return error.status
+    log.info("studies to analyse: %d", len(studies))
+    statuses = []
+    for number, study_uid in enumerate(studies, 1):
+        with (contextlib.nullcontext(args.work / str(number)) if args.work else
+              tempfile.TemporaryDirectory(prefix="lung-map-pacs-")) as work:
             try:
-                round_trip(client, study_uid, work / str(number), args.models, args.cstore, args.calling_ae,
-                           args.timeout)
+                round_trip(client, study_uid, Path(work), args.models, args.cstore, args.calling_ae, args.timeout)
             except RoundTripError as error:
-                failures.append(error)
+                statuses.append(error.status)
                 print(f"study {study_uid}: {error}" if len(studies) > 1 else error, file=sys.stderr)
             except Exception as error:
                 log.exception("internal error")
-                failures.append(RoundTripError(EXIT_INTERNAL_ERROR, ""))
+                statuses.append(EXIT_INTERNAL_ERROR)
                 print(f"internal error: {type(error).__name__}: {error}", file=sys.stderr)
-    return failures[0].status if failures else 0
-
+    return statuses[0] if statuses else 0
 
 if __name__ == "__main__":
     sys.exit(main())
