@@ -137,6 +137,12 @@ class NoLesion(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
+def stand_in_models(tmp_path_factory) -> Path:
+    """The tests' quick stand-in network (tests/conftest.py): the round trip, not the model, is under test here."""
+    return write_test_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
 def no_lesion_models(tmp_path_factory) -> Path:
     folder = write_test_models(tmp_path_factory.mktemp("models"))
     torch.jit.save(torch.jit.script(NoLesion()), str(folder / "lesion_seg" / "model.ts"))
@@ -160,10 +166,10 @@ def pacs(studies, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def round_trip(pacs, studies, models_dir, tmp_path_factory):
+def round_trip(pacs, studies, stand_in_models, tmp_path_factory):
     """The study with lesions through the command once: (result, work folder)."""
     work = tmp_path_factory.mktemp("work")
-    return _round_trip(pacs.url, "--study", studies["lesions"][1], "--work", str(work), models=models_dir), work
+    return _round_trip(pacs.url, "--study", studies["lesions"][1], "--work", str(work), models=stand_in_models), work
 
 
 def test_outputs_come_back_into_the_study(pacs, studies, round_trip, tmp_path):
@@ -207,7 +213,7 @@ def test_study_without_lesions(pacs, studies, no_lesion_models):
 
 def test_study_that_cannot_be_analysed(pacs, studies, no_lesion_models):
     study_uid = studies["too short"][1]
-    _one_line(_round_trip(pacs.url, "--study", study_uid, models=no_lesion_models), 2, "cannot analyse this study: ")
+    _one_line(_round_trip(pacs.url, "--study", study_uid, models=no_lesion_models), 2, "cannot analyse this study: no usable axial CT series: ")
     assert list(pacs.series(study_uid).values()) == ["CT"]
 
 
