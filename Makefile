@@ -1,5 +1,5 @@
 # make demo: set up .venv, generate a synthetic chest CT study, run the app on it, print the lesions.
-# make test: set up .venv (and dicom3tools), run the test suite.
+# make test: set up .venv (and dicom3tools; Orthanc with its DICOMweb plugin for tests/test_pacs.py), run the test suite.
 # make package: build the MAP image (Docker with buildx and access to nvcr.io), or where Docker is absent
 #   write and check its build context in build/map (deploy/package.py).
 # make evaluate: the shipped lesion_seg model alone on 30 held-out phantoms and the shared real cases
@@ -9,6 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := output/demo
 SEED ?= 7
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: demo test package evaluate
@@ -29,7 +30,8 @@ demo: $(VENV)/.ready
 	@echo "outputs: $(DEMO)/output/lesions.json $$(ls $(DEMO)/output/seg.dcm 2>/dev/null); log: $(DEMO)/app.log; truth: $(DEMO)/study/lesions.json"
 
 test: $(VENV)/.ready
-	command -v dciodvfy > /dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools; }
+	command -v dciodvfy > /dev/null && command -v Orthanc > /dev/null && [ -f $(ORTHANC_DICOMWEB) ] || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y dicom3tools orthanc orthanc-dicomweb; }
 	$(PY) -m pytest -q tests
 
 package: $(VENV)/.ready
