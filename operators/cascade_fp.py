@@ -18,6 +18,10 @@ probability and keeps it when the probability >= `threshold`. Its `input` is eit
 - "features": float32 [N, F], the candidate's features named in `feature_names`.
 It returns the probability, float32 [N]. Patches and the multiscale Hessian measures (blob versus
 tube, `hessian_features`) are computed once, for the candidates that reach the first learned stage.
+A learned stage judges only candidates like those it was trained on: one whose longest axial diameter
+exceeds the stage's `max_long_axis_mm` (the largest lesion of its training data; a larger mass also
+overfills its patches) passes it unjudged, with a note in its features, rather than being dropped
+for looking unlike anything the stage has seen.
 
 The lesion score is the probability of the last learned stage a candidate passed (the network's
 maximum probability when there is none).
@@ -210,11 +214,11 @@ def run_stages(features: list[dict], stages: list[dict], patches_of: Callable[[l
     """Apply `stages` in ascending order; dropped candidates get "dropped_by" in their features.
 
     `patches_of(indices)` gives the patches of candidates (0-based indices) and may add measures to
-    their features; it is called once, for the candidates that reach the first learned stage.
+    their features; it is called once per candidate, when a learned stage first judges it.
     Returns every candidate's score: the probability of the last learned stage that saw it.
     """
     scores = np.array([f["max_probability"] for f in features], np.float32)
-    patches = None
+    patches = {}
     for stage in sorted(stages, key=lambda s: s["order"]):
         if stage["type"] not in STAGE_TYPES:
             raise ValueError(f"cascade stage type {stage['type']!r} is not supported by this version")
@@ -227,11 +231,19 @@ def run_stages(features: list[dict], stages: list[dict], patches_of: Callable[[l
                 if reason:
                     features[i]["dropped_by"] = f"{stage['name']}: {reason}"
             continue
-        if patches is None:
-            patches = dict(zip(alive, patches_of(alive)))
-        batch = np.stack([patches[i] for i in alive]) if stage["input"] == "patches" else None
-        probability = stage_probability(stage, [features[i] for i in alive], batch)
-        for i, p in zip(alive, probability):
+        largest = stage.get("max_long_axis_mm", np.inf)
+        for i in alive:
+            if features[i]["long_axis_mm"] > largest:
+                features[i][f"{stage['name']}_not_judged"] = f"long axis over the {largest:g} mm it was trained on"
+        judged = [i for i in alive if features[i]["long_axis_mm"] <= largest]
+        if not judged:
+            continue
+        missing = [i for i in judged if i not in patches]
+        if missing:
+            patches.update(zip(missing, patches_of(missing)))
+        batch = np.stack([patches[i] for i in judged]) if stage["input"] == "patches" else None
+        probability = stage_probability(stage, [features[i] for i in judged], batch)
+        for i, p in zip(judged, probability):
             features[i][f"{stage['name']}_probability"] = float(p)
             scores[i] = p
             if p < stage["threshold"]:

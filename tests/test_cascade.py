@@ -227,6 +227,26 @@ def test_stages_run_in_order_and_the_score_is_the_last_probability(tmp_path):
     assert result.labels.max() == 2
 
 
+def test_a_learned_stage_does_not_judge_candidates_larger_than_it_was_trained_on(tmp_path):
+    """A mass longer than the stage's `max_long_axis_mm` passes it unjudged (noted), however it would score."""
+    hu, labels = _lung(), np.zeros(SHAPE, np.int32)
+    lungs = np.zeros(SHAPE, bool)
+    lungs[:, 5:95, 5:95] = True
+    for centre, radius in {(16, 25, 25): 6.0, (16, 60, 60): 14.0}.items():  # 12 and 28 mm
+        ball = _ball(centre, radius)
+        hu[ball], labels[ball] = 30.0, 1
+    candidates = extract_candidates(labels.astype(np.float32), 0.5, SPACING)
+    never = ({"order": 2, "name": "cnn", "type": "torchscript", "file": "cnn.ts", "input": "patches",
+              "threshold": 0.99, "max_long_axis_mm": 20.0}, _MaskShare())  # no mask fills 99 % of a patch
+    cascade = _save_stages(tmp_path, [(FEATURE_STAGE, None), never])
+    result = filter_candidates(candidates, hu, SPACING, ThoraxCrop((slice(None),) * 3, hu > -500, lungs, 0.0), cascade)
+    small, large = sorted(result.features, key=lambda f: f["long_axis_mm"])
+    assert small["dropped_by"].startswith("cnn: probability")
+    assert "dropped_by" not in large and "cnn_probability" not in large
+    assert large["cnn_not_judged"] == "long axis over the 20 mm it was trained on"
+    assert result.labels.max() == 1 and result.scores == [pytest.approx(1.0)]
+
+
 def test_the_repository_cascade_loads():
     cascade = load_cascade(REPO / "models" / "cascade_fp")
     orders = [s["order"] for s in cascade["stages"]]

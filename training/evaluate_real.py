@@ -4,10 +4,11 @@ it), every false lesion with its size and place, and the set metrics of ../share
     python -m training.evaluate_real --set "real (test only)" ../shared/data/real \
         --set "real-train" ../shared/data/real-train --out runs/eval_real [--cascade DIR] [--seg-model DIR]
 
-Each --set is a folder of cases as in ../shared/data (`dicom/`, `truth.json`, `truth.npz`). Per case the
-app's own plain functions run in the app's order: thoracic box (operators.thorax_crop), lesion probability
+Each --set is a folder of cases as in ../shared/data (`dicom/`, `truth.json`, `truth.npz`), or a phantom
+dataset of training.make_dataset (`imagesTr/`, `labelsTr/` with each lesion's kind), the second check beside
+real CT. Per case the app's own plain functions run in the app's order: thoracic box (operators.thorax_crop), lesion probability
 and candidates (operators.lesion_segmentation), the cascade (operators.cascade_fp). The network's
-probability is cached per case and network in OUT/cache, so other cascades are evaluated in seconds.
+probability is cached per case and network (--cache), so other cascades are evaluated in seconds.
 
 Missed lesions name the step that lost them: "thorax box" (under half of it inside the box), "segmentation"
 (no candidate detects it; the network's highest probability inside it is given) or the cascade stage that
@@ -36,6 +37,7 @@ from operators.lesion_segmentation import extract_candidates, load_model_config,
 from operators.measurements import axial_diameters, lesion_location
 from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.metrics import evaluate_case, summarize
+from training.nifti import read_nifti
 from training.real_cases import real_case_arrays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,15 +51,18 @@ def network_key(seg_dir: Path) -> str:
 
 
 def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_config: dict, cache: Path) -> np.ndarray:
-    """The network's lesion probability in the thorax box (cached as float16 in `cache`)."""
-    path = cache / f"{name}.npy"
+    """The network's lesion probability in the thorax box (cached as float16 with the box in `cache`)."""
+    path = cache / f"{name}.npz"
+    box = np.array([[s.start, s.stop] for s in thorax.box])
     if path.exists():
-        return np.load(path).astype(np.float32)
+        with np.load(path) as stored:
+            if np.array_equal(stored["box"], box):
+                return stored["probability"].astype(np.float32)
     with torch.inference_mode():
         probability = predict_lesion_probability(hu[thorax.box], spacing, model, seg_config)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, probability.astype(np.float16))
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, probability=probability.astype(np.float16), box=box)
     tmp.replace(path)
     return probability
 
@@ -74,13 +79,31 @@ def _place(centroid_zyx, spacing, lungs: np.ndarray) -> str:
     return lesion_location((mm[2], mm[1], mm[0]), contact, lung_box)["text"]
 
 
-def evaluate_real_case(folder: Path, model, seg_config: dict, cascade: dict, cache: Path) -> dict:
+def list_cases(folder: Path) -> list[Path]:
+    """The cases of a set: real case folders, or the images of a phantom dataset."""
+    if (folder / "imagesTr").is_dir():
+        return sorted((folder / "imagesTr").glob("*.nii.gz"))
+    return sorted(p for p in folder.iterdir() if (p / "truth.json").is_file())
+
+
+def load_case(path: Path) -> tuple[str, np.ndarray, np.ndarray, tuple, dict]:
+    """(name, HU float32, truth labels, spacing, truth description) of a real case folder or a phantom image."""
+    if path.is_dir():
+        hu, truth, spacing, _, _ = real_case_arrays(path)
+        return path.name, hu.astype(np.float32), truth, spacing, json.loads((path / "truth.json").read_text())
+    name = path.name[: -len(".nii.gz")]
+    hu, spacing = read_nifti(path)
+    truth, _ = read_nifti(path.parents[1] / "labelsTr" / path.name)
+    described = json.loads((path.parents[1] / "labelsTr" / f"{name}.json").read_text())
+    lesions = [{"id": lesion["label"], "kind": lesion["kind"]} for lesion in described["lesions"]]
+    return name, np.asarray(hu, np.float32), np.rint(truth).astype(np.int16), spacing, {"lesions": lesions}
+
+
+def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache: Path) -> dict:
     """One case: the app's steps, then every lesion and every kept instance described."""
-    truth_doc = json.loads((folder / "truth.json").read_text())
-    partial = bool(truth_doc.get("partial_truth", False))
     start = time.perf_counter()
-    hu, truth, spacing, _, boxes_only = real_case_arrays(folder)
-    hu = hu.astype(np.float32)
+    name, hu, truth, spacing, truth_doc = load_case(path)
+    partial, boxes_only = bool(truth_doc.get("partial_truth")), bool(truth_doc.get("boxes_only"))
     prediction = np.zeros(hu.shape, np.int32)
     scores, candidates_full, features = {}, None, []
     network_max = np.zeros(hu.shape, np.float32)
@@ -89,7 +112,7 @@ def evaluate_real_case(folder: Path, model, seg_config: dict, cascade: dict, cac
     except NoThoraxError:
         thorax = None
     if thorax is not None:
-        probability = case_probability(folder.name, hu, spacing, thorax, model, seg_config, cache)
+        probability = case_probability(name, hu, spacing, thorax, model, seg_config, cache)
         network_max[thorax.box] = probability
         candidates = extract_candidates(probability, seg_config["probability_threshold"], spacing)
         result = filter_candidates(candidates, hu[thorax.box], spacing, thorax, cascade)
@@ -98,7 +121,7 @@ def evaluate_real_case(folder: Path, model, seg_config: dict, cascade: dict, cac
         features = result.features
         candidates_full = np.zeros(hu.shape, np.int32)
         candidates_full[thorax.box] = candidates.labels
-    metrics = evaluate_case(prediction, truth, spacing, scores, boxes_only=boxes_only, name=folder.name)
+    metrics = evaluate_case(prediction, truth, spacing, scores, boxes_only=boxes_only, name=name)
     kinds = {lesion["id"]: lesion.get("kind") or ", ".join(lesion.get("histology", [])) or None
              for lesion in truth_doc.get("lesions", [])}
     lesions = []
@@ -126,7 +149,7 @@ def evaluate_real_case(folder: Path, model, seg_config: dict, cascade: dict, cac
                           "mean_hu": round(float(hu[box][mask].mean())), "score": round(scores[k], 3),
                           "centroid_voxel_zyx": [int(round(c)) for c in centroid],
                           "place": _place(centroid, np.asarray(spacing), lungs)})
-    return {"case": folder.name, "partial_truth": partial, "boxes_only": boxes_only, "no_thorax": thorax is None,
+    return {"case": name, "partial_truth": partial, "boxes_only": boxes_only, "no_thorax": thorax is None,
             "shape": list(hu.shape), "spacing_mm": [round(float(s), 3) for s in spacing],
             "lesions": lesions, "false_lesions": instances, "candidates": _matched(candidates_full, truth, features),
             "metrics": metrics,
@@ -208,12 +231,12 @@ def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict]) -> st
     return "\n".join(lines) + "\n"
 
 
-def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: Path, log=print) -> dict:
+def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: Path, cache: Path, log=print) -> dict:
     seg_config = load_model_config(seg_dir)
     model = torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts")), map_location="cpu").eval()
     cascade = load_cascade(cascade_dir)
-    cache = out / "cache" / network_key(seg_dir)
-    folders = {name: sorted(p for p in folder.iterdir() if (p / "truth.json").is_file()) for name, folder in sets.items()}
+    cache = cache / network_key(seg_dir)
+    folders = {name: list_cases(folder) for name, folder in sets.items()}
     total, done, start = sum(map(len, folders.values())), 0, time.perf_counter()
     results = {}
     for name, cases in folders.items():
@@ -245,10 +268,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seg-model", type=Path, default=REPO / "models" / "lesion_seg")
     parser.add_argument("--cascade", type=Path, default=REPO / "models" / "cascade_fp")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "probability_cache",
+                        help="the network's probabilities per case, kept between runs")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    evaluate_sets({name: Path(folder) for name, folder in args.set}, args.seg_model, args.cascade, args.out)
+    evaluate_sets({name: Path(folder) for name, folder in args.set}, args.seg_model, args.cascade, args.out, args.cache)
 
 
 if __name__ == "__main__":
