@@ -2,8 +2,9 @@
 # make test: set up .venv (and dicom3tools; Orthanc with its DICOMweb plugin for tests/test_pacs.py), run the test suite.
 # make package: build the MAP image (Docker with buildx and access to nvcr.io), or where Docker is absent
 #   write and check its build context in build/map (deploy/package.py).
-# make evaluate: the shipped lesion_seg model alone on 30 held-out phantoms and the shared real cases
-#   (metrics in runs/eval/*/metrics.json, FROC plots, pictures of misses and false positives).
+# make evaluate: the whole app's analysis (thorax box, network, cascade) on real CT and phantoms: validation
+#   (real-train, 20 validation phantoms) then test (the test-only real cases, 30 held-out phantoms); per lesion
+#   found or not and the step that lost it, per false lesion its size and place (runs/eval_real/*/report.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -38,12 +39,11 @@ package: $(VENV)/.ready
 	$(PY) -m deploy.package
 
 REAL ?= ../shared/data/real
+REAL_TRAIN ?= ../shared/data/real-train
 evaluate: $(VENV)/.ready
+	$(PY) -m training.make_dataset --out data/val --count 20 --first-seed 2000
 	$(PY) -m training.make_dataset --out data/heldout --count 30 --first-seed 3000
-	$(PY) -m training.predict --images data/heldout/imagesTr --out runs/pred/heldout
-	$(PY) -m training.evaluate --pred runs/pred/heldout --truth data/heldout/labelsTr --out runs/eval/heldout
-	$(PY) -m training.real_cases --real $(REAL) --out data/real
-	$(PY) -m training.predict --images data/real/images --out runs/pred/real
-	$(PY) -m training.evaluate --pred runs/pred/real --truth data/real/labels --out runs/eval/real --boxes-only petctdx_a0001
-	$(PY) -m training.render_failures --images data/real/images --truth data/real/labels --pred runs/pred/real \
-		--out runs/failures/real
+	$(PY) -m training.evaluate_real --set "real-train (validation)" $(REAL_TRAIN) --set "validation phantoms" data/val \
+		--out runs/eval_real/validation
+	$(PY) -m training.evaluate_real --set "real (test only)" $(REAL) --set "held-out phantoms" data/heldout \
+		--out runs/eval_real/test

@@ -1,0 +1,59 @@
+"""The whole-app evaluation (training.evaluate_real): every lesion reported found or lost at a named step."""
+
+import json
+
+import numpy as np
+
+from operators.thorax_crop import crop_thorax
+from tests.conftest import write_test_models
+from training.evaluate_real import _lost_at, evaluate_sets
+from training.phantom import generate_phantom
+from training.phantom_io import write_phantom_nifti
+
+
+def test_a_missed_lesion_names_the_step_that_lost_it():
+    phantom = generate_phantom(5, lesion_count=0, slices=40)
+    hu = phantom.hu.astype(np.float32)
+    thorax = crop_thorax(hu, phantom.spacing)
+    lesion = np.zeros(hu.shape, bool)
+    z, y, x = (s.start + (s.stop - s.start) // 2 for s in thorax.box)
+    lesion[z - 2:z + 2, y - 8:y + 8, x - 8:x + 8] = True
+    candidates = np.zeros(hu.shape, np.int32)
+    features = [{"dropped_by": "measured_features: size"}]
+    assert _lost_at(lesion, thorax, candidates, features, boxes_only=False) == "segmentation"
+    candidates[lesion] = 1
+    assert _lost_at(lesion, thorax, candidates, features, boxes_only=False) == "cascade measured_features: size"
+    assert _lost_at(lesion, None, candidates, features, boxes_only=False) == "thorax box (no thorax found)"
+    outside = np.zeros(hu.shape, bool)
+    outside[z, :thorax.box[1].start, :] = True
+    if outside.any():
+        assert _lost_at(outside, thorax, candidates, features, boxes_only=False) == "thorax box"
+
+
+def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_path):
+    data = tmp_path / "phantoms"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    phantom = generate_phantom(21, lesion_count=4, slices=40)
+    write_phantom_nifti(phantom, data / "imagesTr" / "p21.nii.gz", data / "labelsTr" / "p21.nii.gz")
+    (data / "labelsTr" / "p21.json").write_text(json.dumps({"lesions": phantom.lesions}, default=float))
+    models = write_test_models(tmp_path / "models")
+    cache, out = tmp_path / "cache", tmp_path / "out"
+
+    summaries = evaluate_sets({"phantoms": data}, models / "lesion_seg", models / "cascade_fp", out, cache,
+                              log=lambda *a, **k: None)
+    report = json.loads((out / "report.json").read_text())
+    case = report["sets"]["phantoms"][0]
+    assert len(case["lesions"]) == len(np.unique(phantom.label)) - 1
+    assert {lesion["kind"] for lesion in case["lesions"]} <= {lesion["kind"] for lesion in phantom.lesions}
+    for lesion in case["lesions"]:
+        assert lesion["found"] == ("lost_at" not in lesion)
+    measurable = [lesion for lesion in case["lesions"] if lesion["measurable"]]
+    assert summaries["phantoms"]["measurable_lesions"] == len(measurable)
+    assert summaries["phantoms"]["false_positives"] == len(case["false_lesions"])
+    assert "## Lesions" in (out / "report.md").read_text()
+
+    cached = next(cache.rglob("p21.npz"))
+    written = cached.stat().st_mtime_ns
+    evaluate_sets({"phantoms": data}, models / "lesion_seg", models / "cascade_fp", out, cache, log=lambda *a, **k: None)
+    assert cached.stat().st_mtime_ns == written
