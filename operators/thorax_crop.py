@@ -8,6 +8,12 @@ The masks are computed on a grid of about MASK_GRID_MM (strided sampling after a
 512 x 512 x 300 volume takes a few seconds, and brought back to the input grid by nearest neighbour.
 The margin keeps lesions that push the lung boundary inwards: juxtapleural (chest wall), hilar and
 mediastinal lesions, and apical or basal lesions beyond the aerated lung.
+
+Lungs are the air that the body encloses, and also, where a field of view narrower than the chest
+(cardiac or targeted reconstructions, about 180 mm and up on real-train cases cut down) cuts them open
+at the image edge or the reconstruction circle, the air that touches that edge and looks like lung
+(median above CUT_LUNG_MEDIAN_HU, partly inside the body's convex outline), unlike the plain air
+around the body.
 """
 
 from __future__ import annotations
