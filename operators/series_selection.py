@@ -34,12 +34,13 @@ from monai.deploy.core.domain.dicom_series_selection import SelectedSeries, Stud
 from monai.deploy.exceptions import ItemNotExistsError
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
 
-from operators.volume import CTVolume, StudyError, timed_compute
+from operators.volume import TILT_TOLERANCE_MM, CTVolume, StudyError, tilt_offsets_mm, timed_compute
 
 log = logging.getLogger(__name__)
 
 RULES_FILE = Path(__file__).with_name("series_rules.json")
 ORIENTATION_KEY = "ImageOrientationPatient"
+SAME_POSITION_MM = 0.01  # slices closer than this along the normal are at one position
 
 
 def _is_dicom_file(path: str) -> bool:
@@ -104,14 +105,17 @@ def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | s
         return f"{len(images)} slices (at least {usable['min_slices']} needed)"
     if len({(tuple(map(float, d.ImageOrientationPatient)), int(d.Rows), int(d.Columns)) for d in images}) > 1:
         return "slices differ in orientation or size"
-    normal = _slice_normal(images[0])
-    if int(np.argmax(np.abs(normal))) != 2:
+    if int(np.argmax(np.abs(_slice_normal(images[0])))) != 2:
         return "not axial"
-    positions = np.sort([float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))) for d in images])
-    steps = np.diff(positions)
+    steps, offsets = tilt_offsets_mm(images)
+    if offsets.max() > TILT_TOLERANCE_MM:
+        tilt = np.degrees(np.arctan2(offsets[-1], steps.sum()))
+        return f"gantry tilt of {tilt:.1f} degrees (tilted series are not analysed)"
+    if steps.min() < SAME_POSITION_MM:
+        return "several slices at one position"
     spacing = float(np.median(steps))
-    coverage = float(positions[-1] - positions[0] + spacing)
-    if spacing <= 0 or spacing > usable["max_slice_spacing_mm"]:
+    coverage = float(steps.sum() + spacing)
+    if spacing > usable["max_slice_spacing_mm"]:
         return f"slice spacing {spacing:.1f} mm (at most {usable['max_slice_spacing_mm']} mm)"
     if steps.max() > usable["max_gap_ratio"] * spacing:
         return f"missing slices (a gap of {steps.max():.1f} mm where slices are {spacing:.1f} mm apart)"
