@@ -5,7 +5,10 @@ What the stock SDK path (monai-deploy-app-sdk 4.0.0) does on real archives, and 
   series is then never attached to its study: every file of that series is silently lost.
   -> `populate_series_attributes` sees the instance without its empty elements.
 - Loader: only files with the DICOM "DICM" marker are read; other files are ignored with a count
-  in the log. An empty folder or a folder without DICOM files is a one-line StudyError.
+  in the log. Unreadable and truncated files (a partial transfer) are skipped with a warning each; of
+  two files at one position the SDK keeps the first it reads, so a truncated copy must never get there.
+  Folders are read in sorted order, links followed once. An empty folder or a folder without DICOM
+  files is a one-line StudyError.
 - Selector: the rules match AND-only, the first match wins in folder order, and a study without a
   match yields an empty list that makes the next operator fail with an opaque scheduler error;
   the "Axial" orientation rule raises when PatientPosition is absent.
@@ -20,13 +23,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom import Dataset
 from pydicom.multival import MultiValue
+from pydicom.pixels.utils import get_expected_length
 
 from monai.deploy.core import Fragment
 from monai.deploy.core.domain.dicom_series import DICOMSeries
@@ -41,22 +47,59 @@ log = logging.getLogger(__name__)
 RULES_FILE = Path(__file__).with_name("series_rules.json")
 ORIENTATION_KEY = "ImageOrientationPatient"
 SAME_POSITION_MM = 0.01  # slices closer than this along the normal are at one position
+NO_MARKER = "no DICOM marker"
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0: the end of encapsulated pixel data
 
 
-def _is_dicom_file(path: str) -> bool:
-    with open(path, "rb") as file:
-        return file.read(132)[128:] == b"DICM"
+def file_problem(path: str) -> str | None:
+    """Why a file cannot be read as a DICOM instance (a short phrase), or None; "no DICOM marker" for other files.
+
+    A partial transfer is caught here: pydicom reads a cut encapsulated file as an empty dataset or without the
+    delimiter that ends its pixel data, a cut native one with less pixel data than its header promises.
+    """
+    try:
+        with open(path, "rb") as file:
+            if file.read(132)[128:] != b"DICM":
+                return NO_MARKER
+        dataset = pydicom.dcmread(path)
+        if len(dataset) == 0:
+            return "truncated or unreadable"
+        if "PixelData" not in dataset:
+            return None
+        if dataset.file_meta.TransferSyntaxUID.is_compressed:
+            with open(path, "rb") as file:
+                file.seek(-len(SEQUENCE_DELIMITER), os.SEEK_END)
+                complete = file.read() == SEQUENCE_DELIMITER
+        else:
+            complete = len(dataset.PixelData) >= get_expected_length(dataset)
+    except Exception as error:  # noqa: BLE001 (any unreadable file is skipped, not fatal)
+        return f"unreadable ({type(error).__name__})"
+    return None if complete else "truncated pixel data"
 
 
 class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
-    """The SDK loader that ignores non-DICOM files and tolerates empty series attributes."""
+    """The SDK loader that skips non-DICOM, unreadable and truncated files and tolerates empty series attributes."""
 
     def _list_files(self, path, files: list[str]):
-        found: list[str] = []
-        super()._list_files(path, found)
-        files.extend(f for f in found if _is_dicom_file(f))
-        if len(files) < len(found):
-            log.info("ignored %d of %d files without the DICOM marker", len(found) - len(files), len(found))
+        found, visited = [], set()
+        for folder, subfolders, names in os.walk(path, followlinks=True):
+            if os.path.realpath(folder) in visited:  # a link back up the tree
+                subfolders.clear()
+                continue
+            visited.add(os.path.realpath(folder))
+            subfolders.sort()
+            found += [os.path.join(folder, name) for name in sorted(names)]
+        others = 0
+        for item in found:
+            problem = file_problem(item)
+            if problem is None:
+                files.append(item)
+            elif problem == NO_MARKER:
+                others += 1
+            else:
+                log.warning("skipped %s: %s", os.path.relpath(item, path), problem)
+        if others:
+            log.info("ignored %d of %d files without the DICOM marker", others, len(found))
 
     def populate_series_attributes(self, series, sop_instance):
         present = Dataset()
@@ -198,7 +241,10 @@ class CTVolumeOperator(DICOMSeriesToVolumeOperator):
 
     @timed_compute
     def compute(self, op_input, op_output, context):
-        study_selected_series_list = op_input.receive(self.input_name_series)
+        op_output.emit(self.volume(op_input.receive(self.input_name_series)), "volume")
+
+    def volume(self, study_selected_series_list) -> CTVolume:
+        """The CTVolume of the first selected series."""
         series = study_selected_series_list[0].selected_series[0].series
         try:
             image = self.convert_to_image(study_selected_series_list)
@@ -216,4 +262,13 @@ class CTVolumeOperator(DICOMSeriesToVolumeOperator):
             series_uid=str(datasets[0].SeriesInstanceUID),
         )
         log.info("volume %s, spacing %s mm", volume.hu.shape, tuple(round(s, 3) for s in volume.spacing))
-        op_output.emit(volume, "volume")
+        return volume
+
+
+def read_study(input_folder: Path) -> CTVolume:
+    """The app's input stage as a plain function: load the folder, choose the series, read its volume.
+    Raises StudyError with the app's one-line reason when the study cannot be analysed."""
+    fragment = Fragment()
+    studies = RobustDICOMDataLoaderOperator(fragment).load_data_to_studies(Path(input_folder))
+    selector = ChestCTSeriesSelectorOperator(fragment)
+    return CTVolumeOperator(fragment).volume(selector.filter(selector.config, studies))
