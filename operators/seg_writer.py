@@ -31,9 +31,11 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, config
+from pydicom.charset import python_encoding
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 from scipy import ndimage
 
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
@@ -54,6 +56,10 @@ MANUFACTURER = "Lung lesion MAP"
 PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                           "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
 DEIDENTIFICATION_KEYWORDS = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
+# Text whose length or characters break its VR (checked with pydicom's validation) is left out too.
+MAX_CHARS = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DT": 26, "LO": 64, "LT": 10240, "SH": 16, "ST": 1024, "TM": 16,
+             "UI": 64}
+TEXT_VRS = tuple(MAX_CHARS)
 NUMERIC_VRS = ("DS", "IS", "FL", "FD", "US", "SS", "UL", "SL", "SV", "UV")
 # DeidentificationMethod where a source says PatientIdentityRemoved YES but names no method (Type 1C).
 UNSTATED_DEIDENTIFICATION = "De-identified before analysis; method not stated in source"
@@ -160,24 +166,29 @@ def writer_source(dataset: Dataset) -> Dataset:
 
     - Empty elements are left out (dciodvfy rejects an empty copied Type 1 element such as
       LossyImageCompression), except the Type 2 patient/study attributes, which become present and empty.
-    - Numeric elements whose text is no number (an empty or odd decimal string) are left out.
+    - Numeric elements whose text is no number (an empty or odd decimal string), and text too long or with
+      characters not allowed for its VR, are left out.
     - A Referenced Study Sequence with items that lack the macro's Type 1 attributes (seen in
       de-identified archives) is left out.
     - PatientIdentityRemoved YES without a de-identification method gets one (Type 1C in every output).
+    - An unknown or missing character set where there is non-ASCII text becomes UTF-8 (`_character_set`).
     """
     header = Dataset()
     if hasattr(dataset, "file_meta"):
         header.file_meta = dataset.file_meta
     for tag in dataset.keys():
         element = dataset[tag]
-        if element.is_empty:
+        if element.is_empty or (element.VR == "UN" and not element.tag.is_private):  # UN: too long for its VR
             continue
         if element.VR in NUMERIC_VRS and not all(isinstance(v, (int, float)) for v in _values(element)):
+            continue
+        if element.VR in TEXT_VRS and not _valid_text(element):
             continue
         header.add(element)
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword not in header:
             setattr(header, keyword, "")
+    _character_set(header)
     if any("ReferencedSOPClassUID" not in item or "ReferencedSOPInstanceUID" not in item
            for item in header.get("ReferencedStudySequence", [])):
         del header.ReferencedStudySequence
@@ -185,6 +196,26 @@ def writer_source(dataset: Dataset) -> Dataset:
             and not set(DEIDENTIFICATION_KEYWORDS[1:]) & set(header.dir())):
         header.DeidentificationMethod = UNSTATED_DEIDENTIFICATION
     return header
+
+
+def _valid_text(element) -> bool:
+    try:
+        for value in _values(element):
+            validate_value(element.VR, value, config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return all(len(str(value)) <= MAX_CHARS.get(element.VR, len(str(value))) for value in _values(element))
+
+
+def _character_set(header: Dataset) -> None:
+    """An unknown SpecificCharacterSet is left out; without one, non-ASCII text is declared UTF-8 (ISO_IR 192),
+    the encoding every output is then written in."""
+    terms = _values(header["SpecificCharacterSet"]) if "SpecificCharacterSet" in header else []
+    if not all(term in python_encoding or not term for term in terms):
+        del header.SpecificCharacterSet
+    if "SpecificCharacterSet" not in header and any(
+            element.VR in TEXT_VRS + ("PN", "UT", "UC") and not str(element.value).isascii() for element in header):
+        header.SpecificCharacterSet = "ISO_IR 192"
 
 
 def _values(element) -> list:

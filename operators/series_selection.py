@@ -21,10 +21,12 @@ What the stock SDK path (monai-deploy-app-sdk 4.0.0) does on real archives, and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 
 from monai.deploy.core import Fragment
@@ -51,13 +54,15 @@ NO_MARKER = "no DICOM marker"
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0: the end of encapsulated pixel data
 
 
-def file_problem(path: str) -> str | None:
-    """Why a file cannot be read as a DICOM instance (a short phrase), or None; "no DICOM marker" for other files.
+def read_instance(path: str) -> Dataset | str:
+    """The DICOM instance in a file, or why it cannot be used (a short phrase; NO_MARKER for other files).
 
     A partial transfer is caught here: pydicom reads a cut encapsulated file as an empty dataset or without the
     delimiter that ends its pixel data, a cut native one with less pixel data than its header promises.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file"
         with open(path, "rb") as file:
             if file.read(132)[128:] != b"DICM":
                 return NO_MARKER
@@ -65,8 +70,8 @@ def file_problem(path: str) -> str | None:
         if len(dataset) == 0:
             return "truncated or unreadable"
         if "PixelData" not in dataset:
-            return None
-        if dataset.file_meta.TransferSyntaxUID.is_compressed:
+            return dataset
+        if dataset["PixelData"].is_undefined_length:  # encapsulated (compressed)
             with open(path, "rb") as file:
                 file.seek(-len(SEQUENCE_DELIMITER), os.SEEK_END)
                 complete = file.read() == SEQUENCE_DELIMITER
@@ -74,11 +79,12 @@ def file_problem(path: str) -> str | None:
             complete = len(dataset.PixelData) >= get_expected_length(dataset)
     except Exception as error:  # noqa: BLE001 (any unreadable file is skipped, not fatal)
         return f"unreadable ({type(error).__name__})"
-    return None if complete else "truncated pixel data"
+    return dataset if complete else "truncated pixel data"
 
 
 class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
-    """The SDK loader that skips non-DICOM, unreadable and truncated files and tolerates empty series attributes."""
+    """The SDK loader that skips non-DICOM, unreadable, truncated and duplicate files, refuses two different
+    files with one SOP Instance UID, and tolerates empty series attributes."""
 
     def _list_files(self, path, files: list[str]):
         found, visited = [], set()
@@ -89,15 +95,21 @@ class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
             visited.add(os.path.realpath(folder))
             subfolders.sort()
             found += [os.path.join(folder, name) for name in sorted(names)]
-        others = 0
+        others, contents = 0, {}
         for item in found:
-            problem = file_problem(item)
-            if problem is None:
-                files.append(item)
-            elif problem == NO_MARKER:
+            instance = read_instance(item)
+            if instance == NO_MARKER:
                 others += 1
+            elif isinstance(instance, str):
+                log.warning("skipped %s: %s", os.path.relpath(item, path), instance)
             else:
-                log.warning("skipped %s: %s", os.path.relpath(item, path), problem)
+                uid = str(instance.get("SOPInstanceUID", ""))
+                digest = hashlib.sha1(instance.get("PixelData") or b"").digest()
+                if uid not in contents:
+                    contents[uid] = digest
+                    files.append(item)
+                elif contents[uid] != digest:
+                    raise StudyError(f"two files with different images have one SOP Instance UID ({uid})")
         if others:
             log.info("ignored %d of %d files without the DICOM marker", others, len(found))
 
@@ -127,6 +139,16 @@ class SeriesGeometry:
     kernel: str
 
 
+def _decodable(dataset: Dataset) -> bool:
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        if syntax is None or not syntax.is_compressed:
+            return True
+        return get_decoder(syntax).is_available
+    except (NotImplementedError, ValueError):  # no decoder, or no transfer syntax pydicom knows
+        return False
+
+
 def _kernel(dataset: Dataset) -> str:
     kernel = dataset.get("ConvolutionKernel", "")
     return " ".join(map(str, kernel)) if isinstance(kernel, MultiValue) else str(kernel or "")
@@ -140,6 +162,11 @@ def _slice_normal(dataset: Dataset) -> np.ndarray:
 def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | str:
     """The geometry of a series, or why it cannot be read as one axial volume (a short phrase)."""
     images = [d for d in datasets if "PixelData" in d]
+    if any(int(d.get("NumberOfFrames") or 1) > 1 for d in images):
+        return "multi-frame images (enhanced CT is not analysed)"
+    undecodable = sorted({str(d.file_meta.TransferSyntaxUID) for d in images if not _decodable(d)})
+    if undecodable:
+        return f"pixel data in a transfer syntax that cannot be decoded here ({', '.join(undecodable)})"
     needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns")
     lacking = sorted({key for d in images for key in needed if d.get(key) in (None, "", [])})
     if lacking:

@@ -24,7 +24,8 @@ class DciodvfyReport:
 
 def run_dciodvfy(path: str | Path) -> DciodvfyReport:
     """Run dciodvfy on one file and sort the lines of its output by severity."""
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace",
+                            timeout=60)
     lines = (result.stdout + result.stderr).splitlines()
     errors = [line for line in lines if line.startswith(("Error", "Abort"))]
     warnings = [line for line in lines if line.startswith("Warning")]

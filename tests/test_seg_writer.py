@@ -49,14 +49,20 @@ class Series:
 
 
 def make_series(lesions: list[Lesion], *, shape=(24, 64, 64), pixel_mm=(0.8, 0.8), table_step_mm=2.0, tilt_deg=0.0,
-                signed=True, drop: tuple[str, ...] = (), incomplete_study_reference=False) -> Series:
+                orientation=None, signed=True, drop: tuple[str, ...] = (), incomplete_study_reference=False) -> Series:
     """One CT Image Storage dataset per slice; pixel_mm is (between rows, between columns) like
-    PixelSpacing; a gantry tilt turns the image plane about patient x."""
+    PixelSpacing; a gantry tilt turns the image plane about patient x, the slices still stepping along
+    the table (patient z). `orientation` (row and column direction) stacks the slices along its normal
+    instead, table_step_mm apart; a lesion's table offset is then along that normal."""
     nz, ny, nx = shape
     dy, dx = pixel_mm
     tilt = math.radians(tilt_deg)
     row_dir, col_dir = np.array([1.0, 0, 0]), np.array([0, math.cos(tilt), math.sin(tilt)])
-    origins = np.array([[-20.0, -30.0, -100.0 + k * table_step_mm] for k in range(nz)])
+    stack = np.array([0, 0, 1.0])
+    if orientation is not None:
+        row_dir, col_dir = (np.asarray(v, float) for v in orientation)
+        stack = np.cross(row_dir, col_dir)
+    origins = np.array([-20.0, -30.0, -100.0]) + np.outer(np.arange(nz) * table_step_mm, stack)
     k, i, j = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
     points = origins[k] + (j * dx)[..., None] * row_dir + (i * dy)[..., None] * col_dir
     labels = np.zeros(shape, np.int32)
@@ -64,7 +70,7 @@ def make_series(lesions: list[Lesion], *, shape=(24, 64, 64), pixel_mm=(0.8, 0.8
     centres = []
     for number, lesion in enumerate(lesions, 1):
         cz, cy, cx = lesion.centre_grid_mm
-        centre = origins[0] + (0, 0, cz) + cx * row_dir + cy * col_dir
+        centre = origins[0] + cz * stack + cx * row_dir + cy * col_dir
         inside = (((points - centre) / lesion.semi_axes_mm) ** 2).sum(axis=-1) <= 1
         labels[inside], hu[inside] = number, lesion.hu
         centres.append(centre)
