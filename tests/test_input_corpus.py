@@ -38,6 +38,7 @@ from operators.series_selection import read_study
 from operators.sr_report import SR_FILE
 from operators.volume import StudyError
 from tests.dicom_validation import assert_dciodvfy_clean
+from tests.exit_status import assert_documented_refusal
 from tests.test_seg_writer import SPHERE, Series, _check_seg, make_series
 
 ANALYSE = "analyse"
@@ -471,6 +472,7 @@ def test_corpus_variant(name, tmp_path, caplog):
         message = str(error)
         assert variant.outcome != ANALYSE, f"refused: {message}"
         assert "\n" not in message and variant.outcome in message
+        assert_documented_refusal(message)
         return
     finally:
         assert time.perf_counter() - start < 60

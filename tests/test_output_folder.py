@@ -14,12 +14,18 @@ import pytest
 
 from operators.output_folder import STAGING_PREFIX, discard, publish, stage
 from tests.conftest import REPO, run_app
+from tests.exit_status import assert_documented_status, status_table
 
 
 def _one_line(result, status: int, prefix: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == status and len(lines) == 1 and lines[0].startswith(prefix), result.stderr
+    assert_documented_status(status, lines[0])
     assert "Traceback" not in result.stderr
+
+
+def test_readme_table_has_every_exit_status():
+    assert set(status_table()) == {"0", "1", "2", str(128 + signal.SIGTERM), str(128 + signal.SIGINT)}
 
 
 def test_publish_replaces_this_apps_outputs_only(tmp_path):
