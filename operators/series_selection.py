@@ -197,7 +197,7 @@ def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | s
 def _describe(series: DICOMSeries) -> str:
     first = series.get_sop_instances()[0].get_native_sop_instance()
     name = " ".join(str(first.get(key) or "") for key in ("SeriesNumber", "SeriesDescription")).strip()
-    return f"series {name or series.SeriesInstanceUID} ({first.get('Modality', '?')}, {len(series.get_sop_instances())} files)"
+    return f"series {name or series.SeriesInstanceUID} ({first.get('Modality') or '?'}, {len(series.get_sop_instances())} files)"
 
 
 class ChestCTSeriesSelectorOperator(DICOMSeriesSelectorOperator):
