@@ -110,7 +110,7 @@ def analyse(output: Path) -> int:
         return EXIT_CANNOT_ANALYSE
     except Exception as error:
         logging.exception("internal error")
-        print(f"internal error: {type(error).__name__}: {error}", file=error_stream)
+        print(" ".join(f"internal error: {type(error).__name__}: {error}".split()), file=error_stream)
         return EXIT_INTERNAL_ERROR
     logging.getLogger("timing").info("application: %.1f s", time.perf_counter() - start)
     return 0

@@ -24,6 +24,7 @@ LesionSegWriterOperator ports:
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset, config
 from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VM
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
@@ -166,8 +168,8 @@ def writer_source(dataset: Dataset) -> Dataset:
 
     - Empty elements are left out (dciodvfy rejects an empty copied Type 1 element such as
       LossyImageCompression), except the Type 2 patient/study attributes, which become present and empty.
-    - Numeric elements whose text is no number (an empty or odd decimal string), and text too long or with
-      characters not allowed for its VR, are left out.
+    - Numeric elements whose text is no number (an empty or odd decimal string), text too long or with
+      characters not allowed for its VR, and several values where one is allowed, are left out.
     - A Referenced Study Sequence with items that lack the macro's Type 1 attributes (seen in
       de-identified archives) is left out.
     - PatientIdentityRemoved YES without a de-identification method gets one (Type 1C in every output).
@@ -180,7 +182,10 @@ def writer_source(dataset: Dataset) -> Dataset:
         element = dataset[tag]
         if element.is_empty or (element.VR == "UN" and not element.tag.is_private):  # UN: too long for its VR
             continue
-        if element.VR in NUMERIC_VRS and not all(isinstance(v, (int, float)) for v in _values(element)):
+        if element.VM > 1 and not element.tag.is_private and dictionary_VM(element.tag) == "1":
+            continue
+        if element.VR in NUMERIC_VRS and not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                  for v in _values(element)):
             continue
         if element.VR in TEXT_VRS and not _valid_text(element):
             continue
@@ -208,10 +213,15 @@ def _valid_text(element) -> bool:
 
 
 def _character_set(header: Dataset) -> None:
-    """An unknown SpecificCharacterSet is left out; without one, non-ASCII text is declared UTF-8 (ISO_IR 192),
-    the encoding every output is then written in."""
-    terms = _values(header["SpecificCharacterSet"]) if "SpecificCharacterSet" in header else []
-    if not all(term in python_encoding or not term for term in terms):
+    """Empty terms of SpecificCharacterSet are left out, and an unknown one (or a code extension alone)
+    altogether; without one, non-ASCII text is declared UTF-8 (ISO_IR 192), the encoding every output is then
+    written in."""
+    terms = [term for term in _values(header["SpecificCharacterSet"]) if term] if "SpecificCharacterSet" in header else []
+    if len(terms) > 1 and all(term in python_encoding for term in terms):
+        header.SpecificCharacterSet = terms
+    elif len(terms) == 1 and terms[0] in python_encoding and not terms[0].startswith("ISO 2022"):
+        header.SpecificCharacterSet = terms[0]
+    elif "SpecificCharacterSet" in header:
         del header.SpecificCharacterSet
     if "SpecificCharacterSet" not in header and any(
             element.VR in TEXT_VRS + ("PN", "UT", "UC") and not str(element.value).isascii() for element in header):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -36,9 +37,11 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, CTImageStorage
 
 from monai.deploy.core import Fragment
 from monai.deploy.core.domain.dicom_series import DICOMSeries
+from monai.deploy.core.domain.dicom_study import DICOMStudy
 from monai.deploy.core.domain.dicom_series_selection import SelectedSeries, StudySelectedSeries
 from monai.deploy.exceptions import ItemNotExistsError
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
@@ -51,6 +54,9 @@ RULES_FILE = Path(__file__).with_name("series_rules.json")
 ORIENTATION_KEY = "ImageOrientationPatient"
 SAME_POSITION_MM = 0.01  # slices closer than this along the normal are at one position
 NO_MARKER = "no DICOM marker"
+# What every file must carry valid for the SDK loader and the outputs' references, and geometry the SDK parses.
+IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+GEOMETRY_VALUES = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0: the end of encapsulated pixel data
 
 
@@ -69,6 +75,13 @@ def read_instance(path: str) -> Dataset | str:
         dataset = pydicom.dcmread(path)
         if len(dataset) == 0:
             return "truncated or unreadable"
+        invalid = [keyword for keyword in IDENTIFYING_UIDS if not _valid_uid(dataset.get(keyword))]
+        if dataset.get("FrameOfReferenceUID") and not _valid_uid(dataset.FrameOfReferenceUID):
+            invalid.append("FrameOfReferenceUID")
+        invalid += [keyword for keyword, count in GEOMETRY_VALUES.items()
+                    if keyword in dataset and not _numbers(dataset[keyword], count)]
+        if invalid:
+            return f"invalid or missing {', '.join(invalid)}"
         if "PixelData" not in dataset:
             return dataset
         if dataset["PixelData"].is_undefined_length:  # encapsulated (compressed)
@@ -80,6 +93,21 @@ def read_instance(path: str) -> Dataset | str:
     except Exception as error:  # noqa: BLE001 (any unreadable file is skipped, not fatal)
         return f"unreadable ({type(error).__name__})"
     return dataset if complete else "truncated pixel data"
+
+
+def _valid_uid(value) -> bool:
+    return isinstance(value, str) and UID(value).is_valid
+
+
+def _numbers(element, count: int) -> bool:
+    """Whether an element holds `count` finite numbers (an empty one counts as absent)."""
+    if element.is_empty:
+        return True
+    values = list(element.value) if element.VM > 1 else [element.value]
+    try:
+        return len(values) == count and all(math.isfinite(float(v)) for v in values)
+    except (TypeError, ValueError):
+        return False
 
 
 class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
@@ -164,17 +192,20 @@ def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | s
     images = [d for d in datasets if "PixelData" in d]
     if any(int(d.get("NumberOfFrames") or 1) > 1 for d in images):
         return "multi-frame images (enhanced CT is not analysed)"
+    if any(d.get("SOPClassUID") != CTImageStorage for d in images):
+        return "images of another SOP class than CT Image Storage"
     undecodable = sorted({str(d.file_meta.TransferSyntaxUID) for d in images if not _decodable(d)})
     if undecodable:
         return f"pixel data in a transfer syntax that cannot be decoded here ({', '.join(undecodable)})"
-    needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns")
+    needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns", "FrameOfReferenceUID")
     lacking = sorted({key for d in images for key in needed if d.get(key) in (None, "", [])})
     if lacking:
         return f"slices without {', '.join(lacking)}"
     if len(images) < usable["min_slices"]:
         return f"{len(images)} slices (at least {usable['min_slices']} needed)"
-    if len({(tuple(map(float, d.ImageOrientationPatient)), int(d.Rows), int(d.Columns)) for d in images}) > 1:
-        return "slices differ in orientation or size"
+    if len({(tuple(map(float, d.ImageOrientationPatient)), int(d.Rows), int(d.Columns), d.FrameOfReferenceUID)
+            for d in images}) > 1:
+        return "slices differ in orientation, size or frame of reference"
     if int(np.argmax(np.abs(_slice_normal(images[0])))) != 2:
         return "not axial"
     steps, offsets = tilt_offsets_mm(images)
@@ -213,19 +244,31 @@ class ChestCTSeriesSelectorOperator(DICOMSeriesSelectorOperator):
             return 0
         return 2 if re.search(prefer["sharp_kernels"], kernel) else 1
 
+    def _sdk_match(self, sdk_rules: dict, study: DICOMStudy, series: DICOMSeries) -> str | None:
+        """The name of the SDK selection that `series` matches, or None (also where its headers break the SDK)."""
+        alone = DICOMStudy(study.StudyInstanceUID)
+        alone.add_series(series)
+        try:
+            selected = super().filter(sdk_rules, [alone], all_matched=True)
+        except Exception as error:  # noqa: BLE001 (e.g. a single-valued ImageType)
+            log.warning("%s: the series rules cannot read its headers (%s)", _describe(series), type(error).__name__)
+            return None
+        return next((item.selection_name for chosen in selected for item in chosen.selected_series), None)
+
     def filter(self, selection_rules, dicom_study_list, all_matched=True, sort_by_sop_instance_count=False):
         sdk_rules = {"selections": [
             {**s, "conditions": {k: v for k, v in s["conditions"].items() if k != ORIENTATION_KEY}}
             for s in selection_rules["selections"]]}
-        matched = {selected.series.SeriesInstanceUID: (study_selected.study, selected.selection_name)
-                   for study_selected in super().filter(sdk_rules, dicom_study_list, all_matched=True)
-                   for selected in study_selected.selected_series}
-        usable, reasons = [], []
+        usable, reasons, matched = [], [], {}
         for study in dicom_study_list:
             for series in study.get_all_series():
-                if series.SeriesInstanceUID not in matched:
+                if not series.get_sop_instances():  # the SDK loader could parse none of its files
+                    continue
+                name = self._sdk_match(sdk_rules, study, series)
+                if name is None:
                     reasons.append(f"{_describe(series)}: not a CT image series")
                     continue
+                matched[series.SeriesInstanceUID] = (study, name)
                 datasets = [sop.get_native_sop_instance() for sop in series.get_sop_instances()]
                 geometry = series_geometry(datasets, self.config["usable"])
                 if isinstance(geometry, str):
@@ -235,7 +278,7 @@ class ChestCTSeriesSelectorOperator(DICOMSeriesSelectorOperator):
                     log.info("usable %s: %d slices, %.2f mm apart, kernel %r", _describe(series), geometry.slices,
                              geometry.slice_spacing_mm, geometry.kernel)
         if not usable:
-            raise StudyError("no usable axial CT series: " + "; ".join(reasons))
+            raise StudyError("no usable axial CT series: " + ("; ".join(reasons) or "no series could be read"))
         geometry, best = min(usable, key=lambda item: (round(item[0].slice_spacing_mm * 2) / 2,
                                                        self._kernel_rank(item[0].kernel), -item[0].slices))
         study, name = matched[best.SeriesInstanceUID]
@@ -275,7 +318,7 @@ class CTVolumeOperator(DICOMSeriesToVolumeOperator):
         series = study_selected_series_list[0].selected_series[0].series
         try:
             image = self.convert_to_image(study_selected_series_list)
-        except RuntimeError as error:  # the SDK's wrapper around pixel decoding and rescale failures
+        except Exception as error:  # noqa: BLE001 (any failure to decode or rescale this series' pixel data)
             raise StudyError(f"pixel data of {_describe(series)} cannot be read: {error.__cause__ or error}") from error
         datasets = [sop.get_native_sop_instance() for sop in series.get_sop_instances()]  # sorted by the SDK
         normal = _slice_normal(datasets[0])

@@ -23,7 +23,11 @@ TILT_TOLERANCE_MM = 0.05
 
 
 class StudyError(Exception):
-    """The input cannot be analysed (no usable chest CT series); the message is one line for the user."""
+    """The input cannot be analysed (no usable chest CT series); the message is one line for the user (line breaks
+    in it, e.g. from a header value quoted in a decoder's error, become spaces)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from pydicom import Dataset
+from pydicom.uid import CTImageStorage
 
 from monai.deploy.core import Fragment
 from monai.deploy.operators import DICOMDataLoaderOperator
@@ -26,6 +27,7 @@ def _slices(count=40, step=2.5, orientation=(1, 0, 0, 0, 1, 0), skip=(), tilt_de
         d = Dataset()
         d.ImageOrientationPatient, d.ImagePositionPatient = list(orientation), [0.0, 0.0, k * step]
         d.PixelSpacing, d.Rows, d.Columns, d.PixelData = [0.7, 0.7], 512, 512, b""
+        d.FrameOfReferenceUID, d.SOPClassUID = "1.2.3", CTImageStorage
         slices.append(d)
     return slices
 
