@@ -28,9 +28,9 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian,
-                         JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless,
-                         JPEGLSNearLossless, MPEG2MPML, RLELossless, generate_uid)
+from pydicom.uid import (HTJ2K, UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian,
+                         JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+                         JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, MPEG2MPML, RLELossless, generate_uid)
 
 from operators.report_writer import PDF_DICOM_FILE, write_reports
 from operators.seg_writer import LESIONS_FILE, SEG_FILE, write_lesion_outputs
@@ -101,6 +101,14 @@ def encoded(syntax: UID, **options):
     return edited(edit)
 
 
+def relabelled(encoded_as: UID, syntax: UID):
+    """Encoded in one syntax, declared as another that carries the same codestream."""
+    def edit(ds):
+        ds.compress(encoded_as, generate_instance_uid=False)
+        ds.file_meta.TransferSyntaxUID = syntax
+    return edited(edit)
+
+
 def native(syntax: UID):
     def edit(ds):
         ds.file_meta.TransferSyntaxUID = syntax
@@ -130,6 +138,38 @@ def eight_bit(signed: bool, jpeg: UID | None = None):
         write_series(folder, series.datasets, edit)
         return stored.astype(np.float32) * 8 + (0 if signed else -1024)
     return build
+
+
+def jpeg_lossless(image: np.ndarray) -> bytes:
+    """A minimal JPEG lossless codestream (process 14, selection value 1: the left neighbour predicts) of 16-bit
+    unsigned samples; every difference category has a 5-bit Huffman code (pydicom has no such encoder)."""
+    x = image.astype(np.int64)
+    prediction = np.empty_like(x)
+    prediction[0, 0] = 1 << 15
+    prediction[0, 1:], prediction[1:, 0], prediction[1:, 1:] = x[0, :-1], x[:-1, 0], x[1:, :-1]
+    difference = (x - prediction + 32768) % 65536 - 32768
+    bits = []
+    for d in difference.ravel().tolist():
+        category = 16 if d == -32768 else abs(d).bit_length()
+        bits.append(f"{category:05b}")
+        if 0 < category < 16:
+            bits.append(f"{d if d > 0 else d + (1 << category) - 1:0{category}b}")
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    data = bytes(int(stream[i:i + 8], 2) for i in range(0, len(stream), 8)).replace(b"\xff", b"\xff\x00")
+    rows, columns = image.shape
+    frame = b"\xff\xc3\x00\x0b\x10" + rows.to_bytes(2, "big") + columns.to_bytes(2, "big") + b"\x01\x01\x11\x00"
+    table = b"\xff\xc4\x00\x24\x00" + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))
+    scan = b"\xff\xda\x00\x08\x01\x01\x00\x01\x00\x00"
+    return b"\xff\xd8" + frame + table + scan + data + b"\xff\xd9"
+
+
+def lossless_jpeg(syntax: UID):
+    def edit(ds):
+        ds.PixelData = encapsulate([jpeg_lossless(ds.pixel_array)])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax
+    return edited(edit)
 
 
 def undecodable(folder, series):
@@ -373,7 +413,8 @@ def undeclared_latin1(folder, series):
 
 VARIANTS: dict[str, Variant] = {
     "plain series": Variant(plain, writers=True),
-    # transfer syntaxes: every one pydicom can encode here, JPEG through Pillow, and one without a decoder
+    # transfer syntaxes: every one pydicom can encode here, JPEG baseline through Pillow, JPEG lossless through
+    # jpeg_lossless, and one without a decoder
     "Implicit VR Little Endian": Variant(native(ImplicitVRLittleEndian)),
     "Explicit VR Big Endian (retired)": Variant(native(ExplicitVRBigEndian)),
     "Deflated Explicit VR Little Endian": Variant(native(DeflatedExplicitVRLittleEndian)),
@@ -382,8 +423,11 @@ VARIANTS: dict[str, Variant] = {
     "JPEG-LS near-lossless (error 2)": Variant(encoded(JPEGLSNearLossless, jls_error=2), tolerance_hu=2),
     "JPEG 2000 Lossless": Variant(encoded(JPEG2000Lossless)),
     "JPEG 2000 lossy (ratio 5)": Variant(encoded(JPEG2000, j2k_cr=[5]), tolerance_hu=200),
+    "HTJ2K carrying a JPEG 2000 Part 1 codestream (no HT encoder here)": Variant(relabelled(JPEG2000Lossless, HTJ2K)),
     "JPEG Baseline 8-bit (Pillow)": Variant(eight_bit(False, JPEGBaseline8Bit), tolerance_hu=64, writers=True),
     "JPEG Extended, 8-bit data (Pillow)": Variant(eight_bit(False, JPEGExtended12Bit), tolerance_hu=64),
+    "JPEG Lossless, first-order prediction (SV1)": Variant(lossless_jpeg(JPEGLosslessSV1), series={"signed": False}),
+    "JPEG Lossless (process 14)": Variant(lossless_jpeg(JPEGLossless), series={"signed": False}),
     "MPEG-2 video: no decoder here": Variant(undecodable, "transfer syntax that cannot be decoded here"),
     # stored values
     "8-bit unsigned, slope 8": Variant(eight_bit(False)),
