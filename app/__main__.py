@@ -61,8 +61,7 @@ def main() -> int:
     try:
         staging, created = stage(out_dir)
     except OSError as error:
-        print(f"cannot write the output folder {out_dir}: {error.strerror or error}", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
+        return _unwritable(out_dir, error)
     status = 0
     if not stopped:
         children.append(subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, STAGING_ENV: str(staging)}))
@@ -72,8 +71,7 @@ def main() -> int:
             publish(staging, out_dir)
             return 0
         except OSError as error:
-            print(f"cannot write the output folder {out_dir}: {error.strerror or error}", file=sys.stderr)
-            status = EXIT_INTERNAL_ERROR
+            status = _unwritable(out_dir, error)
     discard(staging, out_dir, created)
     if stopped:
         print(f"stopped by {signal.Signals(stopped[0]).name}: nothing written", file=sys.stderr)
@@ -82,6 +80,11 @@ def main() -> int:
         print(f"internal error: the analysis was killed by {signal.Signals(-status).name}", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
     return status
+
+
+def _unwritable(out_dir: Path, error: OSError) -> int:
+    print(f"cannot write the output folder {out_dir}: {error.strerror or error}", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
 
 
 def analyse(output: Path) -> int:
