@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from operators.seg_writer import LESIONS_FILE, SEG_FILE, LesionSegWriterOperator, write_lesion_outputs
-from tests.dicom_validation import assert_dciodvfy_clean
+from tests.dicom_validation import assert_dciodvfy_clean, assert_dcmqi_reads_exactly
 
 REAL_DATA = Path(os.environ.get("LUNG_MAP_REAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/real"))
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -144,6 +144,7 @@ def _check_seg(seg_path: Path, datasets: list[Dataset], labels: np.ndarray, docu
         assert np.allclose(frame.PlanePositionSequence[0].ImagePositionPatient,
                            by_uid[referenced].ImagePositionPatient)
     assert_untilted_grid(seg)
+    assert_dcmqi_reads_exactly(seg_path, datasets, labels)
     records = document["lesions"]
     numbers = [r["segment_number"] for r in records]
     assert list(seg.get_segment_numbers()) == numbers

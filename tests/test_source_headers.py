@@ -16,7 +16,7 @@ from pydicom.tag import Tag
 from operators.report_writer import PDF_DICOM_FILE, write_reports
 from operators.seg_writer import SEG_FILE, UNSTATED_DEIDENTIFICATION, write_lesion_outputs
 from operators.sr_report import SR_FILE
-from tests.dicom_validation import assert_dciodvfy_clean
+from tests.dicom_validation import assert_dciodvfy_clean, assert_dcmqi_reads_exactly
 from tests.test_seg_writer import SPHERE, make_series
 
 REAL_TRAIN = Path(os.environ.get("LUNG_MAP_REAL_TRAIN_DATA",
@@ -103,3 +103,4 @@ def test_real_train_headers(tmp_path):
     _write_all(datasets, labels, hu.astype(np.float32), spacing, tmp_path)
 
     assert pydicom.dcmread(tmp_path / SEG_FILE).LossyImageCompression == "00"
+    assert_dcmqi_reads_exactly(tmp_path / SEG_FILE, datasets, labels)
