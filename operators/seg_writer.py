@@ -216,7 +216,8 @@ def _character_set(header: Dataset) -> None:
     """Empty terms of SpecificCharacterSet are left out, and an unknown one (or a code extension alone)
     altogether; without one, non-ASCII text is declared UTF-8 (ISO_IR 192), the encoding every output is then
     written in."""
-    terms = [term for term in _values(header["SpecificCharacterSet"]) if term] if "SpecificCharacterSet" in header else []
+    declared = _values(header["SpecificCharacterSet"]) if "SpecificCharacterSet" in header else []
+    terms = [term for term in declared if term]
     if len(terms) > 1 and all(term in python_encoding for term in terms):
         header.SpecificCharacterSet = terms
     elif len(terms) == 1 and terms[0] in python_encoding and not terms[0].startswith("ISO 2022"):

@@ -197,7 +197,8 @@ def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | s
     undecodable = sorted({str(d.file_meta.TransferSyntaxUID) for d in images if not _decodable(d)})
     if undecodable:
         return f"pixel data in a transfer syntax that cannot be decoded here ({', '.join(undecodable)})"
-    needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns", "FrameOfReferenceUID")
+    needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
+              "FrameOfReferenceUID")
     lacking = sorted({key for d in images for key in needed if d.get(key) in (None, "", [])})
     if lacking:
         return f"slices without {', '.join(lacking)}"
@@ -228,7 +229,8 @@ def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | s
 def _describe(series: DICOMSeries) -> str:
     first = series.get_sop_instances()[0].get_native_sop_instance()
     name = " ".join(str(first.get(key) or "") for key in ("SeriesNumber", "SeriesDescription")).strip()
-    return f"series {name or series.SeriesInstanceUID} ({first.get('Modality') or '?'}, {len(series.get_sop_instances())} files)"
+    modality, count = first.get("Modality") or "?", len(series.get_sop_instances())
+    return f"series {name or series.SeriesInstanceUID} ({modality}, {count} files)"
 
 
 class ChestCTSeriesSelectorOperator(DICOMSeriesSelectorOperator):

@@ -69,7 +69,8 @@ def assert_dcmqi_reads_exactly(seg_path: str | Path, datasets, labels) -> None:
             image = nib.load(Path(folder) / f"{index}.nii.gz")
             read = nib.affines.apply_affine(image.affine, np.argwhere(np.asarray(image.dataobj) > 0)) * [-1, -1, 1]
             expected = np.array([_voxel_lps(datasets[z], y, x) for z, y, x in np.argwhere(labels == number)])
-            assert read.shape == expected.shape, f"segment {number}: dcmqi reads {len(read)} voxels, not {len(expected)}"
+            assert read.shape == expected.shape, f"segment {number}: dcmqi reads {len(read)} voxels, not " \
+                                                 f"{len(expected)}"
             order = lambda points: points[np.lexsort(np.round(points, 2).T)]  # noqa: E731
             assert np.abs(order(read) - order(expected)).max() < 0.01, f"segment {number} misplaced by dcmqi"
 

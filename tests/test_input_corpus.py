@@ -3,9 +3,9 @@
 Each variant writes a small study into a folder and states what the app's input stage
 (`operators.series_selection.read_study`: loader, series choice, volume; its StudyError is the app's exit
 status 2 and one-line message) does with it: ANALYSE (a volume with the expected HU on the source grid)
-or refuse with the given phrase in its one-line message (none is left undecided). Variants marked WRITERS also go through the SEG,
-SR and PDF writers: each output passes dciodvfy, the SEG reads back exactly on the source slices and its
-frames lie on an untilted grid. The base study is a 12-slice 32 x 32 CT series, 3 mm apart, one lesion.
+or refuse with the given phrase in its one-line message (none is left undecided). Variants marked WRITERS
+also go through the SEG, SR and PDF writers: each output passes dciodvfy, the SEG reads back exactly on the
+source slices (highdicom and dcmqi) and its frames lie on an untilted grid. The base study is a 12-slice 32 x 32 CT series, 3 mm apart, one lesion.
 The app-level variants (unwritable or full output folder, SIGTERM) are in tests/test_output_folder.py.
 """
 
@@ -524,7 +524,8 @@ def test_corpus_variant(name, tmp_path, caplog):
     ascending = sorted(series.datasets, key=lambda ds: float(np.dot(ds.ImagePositionPatient, _normal(ds))))
     assert [ds.SOPInstanceUID for ds in volume.source_datasets] == [ds.SOPInstanceUID for ds in ascending]
     order = {ds.SOPInstanceUID: k for k, ds in enumerate(series.datasets)}
-    expected = (expected_hu if isinstance(expected_hu, np.ndarray) else series.hu)[[order[ds.SOPInstanceUID] for ds in ascending]]
+    expected = expected_hu if isinstance(expected_hu, np.ndarray) else series.hu
+    expected = expected[[order[ds.SOPInstanceUID] for ds in ascending]]
     assert np.abs(volume.hu - expected).max() <= variant.tolerance_hu
     assert volume.spacing[0] == pytest.approx(STEP_MM)
     if variant.writers:

@@ -70,7 +70,8 @@ def test_sigterm_mid_run_leaves_nothing(phantom_study, models_dir, tmp_path):
     time.sleep(8)  # loading or segmenting the 300-slice study
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
-    _one_line(subprocess.CompletedProcess([], process.returncode, "", stderr), 128 + signal.SIGTERM, "stopped by SIGTERM")
+    _one_line(subprocess.CompletedProcess([], process.returncode, "", stderr), 128 + signal.SIGTERM,
+              "stopped by SIGTERM")
     assert [p.name for p in output.iterdir()] == ["lesions.json"]
     assert (output / "lesions.json").read_text() == "earlier run"
 

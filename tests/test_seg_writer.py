@@ -167,8 +167,8 @@ def assert_untilted_grid(seg: Dataset) -> None:
     cosines = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
     normal = np.cross(cosines[:3], cosines[3:])
     step = float(shared.PixelMeasuresSequence[0].SpacingBetweenSlices)
-    positions = np.array([f.PlanePositionSequence[0].ImagePositionPatient for f in seg.PerFrameFunctionalGroupsSequence],
-                         float)
+    frames = seg.PerFrameFunctionalGroupsSequence
+    positions = np.array([f.PlanePositionSequence[0].ImagePositionPatient for f in frames], float)
     from_first = positions - positions[0]
     along = from_first @ normal
     assert np.abs(from_first - np.outer(along, normal)).max() < 0.05

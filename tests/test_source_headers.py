@@ -32,7 +32,8 @@ def _raw(keyword_tag: int, vr: str, value: bytes):
 def _method_code(ds: Dataset) -> None:
     ds.PatientIdentityRemoved = "YES"
     item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "113100", "DCM", "Basic Application Confidentiality Profile"
+    item.CodeValue, item.CodingSchemeDesignator = "113100", "DCM"
+    item.CodeMeaning = "Basic Application Confidentiality Profile"
     ds.DeidentificationMethodCodeSequence = [item]
 
 
