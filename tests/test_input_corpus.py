@@ -5,8 +5,8 @@ Each variant writes a small study into a folder and states what the app's input 
 status 2 and one-line message) does with it: ANALYSE (a volume with the expected HU on the source grid)
 or refuse with the given phrase in its one-line message (none is left undecided). Variants marked WRITERS
 also go through the SEG, SR and PDF writers: each output passes dciodvfy, the SEG reads back exactly on the
-source slices (highdicom and dcmqi) and its frames lie on an untilted grid. The base study is a 12-slice 32 x 32 CT series, 3 mm apart, one lesion.
-The app-level variants (unwritable or full output folder, SIGTERM) are in tests/test_output_folder.py.
+source slices (highdicom and dcmqi) and its frames lie on an untilted grid. The base study is a 12-slice
+32 x 32 CT series, 3 mm apart, one lesion. The app-level variants (unwritable or full output folder, SIGTERM) are in tests/test_output_folder.py.
 """
 
 from __future__ import annotations
