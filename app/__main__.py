@@ -15,6 +15,7 @@ on to the child) and when the child dies (e.g. killed for memory), the staging f
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -68,7 +69,8 @@ def main() -> int:
         status = children[0].wait()
     if status == 0 and not stopped:
         try:
-            publish(staging, out_dir)
+            if not publish(staging, out_dir):  # nothing written (e.g. -h): leave no OUT_DIR of this run's making
+                discard(None, out_dir, created)
             return 0
         except OSError as error:
             status = _unwritable(out_dir, error)
@@ -103,8 +105,16 @@ def analyse(output: Path) -> int:
     from operators.volume import StudyError
 
     output_flags, sys.argv[1:] = split_output_flags(sys.argv[1:])
-    with contextlib.redirect_stderr(error_stream):
-        parse_args(sys.argv)  # usage errors (e.g. no such input folder) on stderr, exit status 2, before any work
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            parse_args(sys.argv)  # before any work
+    except SystemExit as stop:  # -h (status 0), or a usage error: argparse's usage text, then "...: error: WHY"
+        if stop.code:
+            why = usage.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+            print(" ".join(f"usage error: {why}".split()), file=error_stream)
+            return EXIT_CANNOT_ANALYSE
+        return 0
     start = time.perf_counter()
     try:
         LungLesionApp(output_flags=output_flags, output_folder=output).run()

@@ -66,6 +66,15 @@ def test_refused_in_one_line(case, phantom_study, models_dir, tmp_path):
     _assert_refused(run_app(folder, output, models_dir), output, phrase)
 
 
+def test_usage_error_is_one_line(tmp_path, models_dir):
+    result = run_app(tmp_path / "no such folder", tmp_path / "output", models_dir)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("usage error: "), result.stderr
+    assert "No such file/folder" in lines[0]
+    assert_documented_status(result.returncode, lines[0])
+    assert not (tmp_path / "output").exists()
+
+
 def test_missing_model_is_an_internal_error(phantom_study, tmp_path):
     output = tmp_path / "output"
     result = run_app(phantom_study[0], output, tmp_path)  # a models folder without lesion_seg
