@@ -3,13 +3,23 @@
 app.yaml's `outputs` section; they are taken off the command line before the SDK reads it.
 
 Exit status: 0 done; 2 the study cannot be analysed (no usable chest CT series: the reason is the
-one line on stderr); 1 internal error (one line on stderr, traceback in the log). The log goes to
-stdout, so stderr holds nothing but that line.
+one line on stderr); 1 internal error or an output folder that cannot be written (one line on stderr,
+traceback in the log); 143 / 130 stopped by SIGTERM / SIGINT. The log goes to stdout, so stderr holds
+nothing but that line.
+
+All or nothing (operators.output_folder): this process runs the analysis in a child process (the same
+command, with LUNG_MAP_STAGING naming a hidden staging folder inside OUT_DIR as its output folder) and
+moves the outputs into OUT_DIR only when the child succeeded. On any failure, on SIGTERM or SIGINT (passed
+on to the child) and when the child dies (e.g. killed for memory), the staging folder is removed.
 """
 
+import argparse
 import contextlib
+import io
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,9 +32,65 @@ if (APP_DIR.parent / "operators").is_dir():
 
 EXIT_CANNOT_ANALYSE = 2
 EXIT_INTERNAL_ERROR = 1
+STAGING_ENV = "LUNG_MAP_STAGING"
+
+
+def output_folder(argv: list[str]) -> Path:
+    """OUT_DIR as the SDK resolves it: -o/--output, else HOLOSCAN_OUTPUT_PATH, else ./output."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-o", "--output")
+    known, _ = parser.parse_known_args(argv)
+    return Path(known.output or os.environ.get("HOLOSCAN_OUTPUT_PATH") or "output").absolute()
 
 
 def main() -> int:
+    """Stage, run the analysis in a child process, publish or discard (module docstring)."""
+    if STAGING_ENV in os.environ:
+        return analyse(Path(os.environ[STAGING_ENV]))
+    from operators.output_folder import discard, publish, stage
+
+    stopped, children = [], []
+
+    def stop(signum, frame):
+        stopped.append(signum)
+        for child in children:
+            child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    out_dir = output_folder(sys.argv[1:])
+    try:
+        staging, created = stage(out_dir)
+    except OSError as error:
+        return _unwritable(out_dir, error)
+    status = 0
+    if not stopped:
+        children.append(subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, STAGING_ENV: str(staging)}))
+        status = children[0].wait()
+    if status == 0 and not stopped:
+        try:
+            if not publish(staging, out_dir):  # nothing written (e.g. -h): leave no OUT_DIR of this run's making
+                discard(None, out_dir, created)
+            return 0
+        except OSError as error:
+            status = _unwritable(out_dir, error)
+    discard(staging, out_dir, created)
+    if stopped:
+        print(f"stopped by {signal.Signals(stopped[0]).name}: nothing written", file=sys.stderr)
+        return 128 + stopped[0]
+    if status < 0:
+        print(f"internal error: the analysis was killed by {signal.Signals(-status).name}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+    return status
+
+
+def _unwritable(out_dir: Path, error: OSError) -> int:
+    print(f"cannot write the output folder {out_dir}: {error.strerror or error}", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
+
+
+def analyse(output: Path) -> int:
+    """The analysis itself (the child process), writing into the staging folder `output`."""
     error_stream = os.fdopen(os.dup(2), "w")
     os.dup2(1, 2)  # every log (Python, Holoscan) to stdout; stderr is left for the one-line verdict
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
@@ -39,17 +105,25 @@ def main() -> int:
     from operators.volume import StudyError
 
     output_flags, sys.argv[1:] = split_output_flags(sys.argv[1:])
-    with contextlib.redirect_stderr(error_stream):
-        parse_args(sys.argv)  # usage errors (e.g. no such input folder) on stderr, exit status 2, before any work
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            parse_args(sys.argv)  # before any work
+    except SystemExit as stop:  # -h (status 0), or a usage error: argparse's usage text, then "...: error: WHY"
+        if stop.code:
+            why = usage.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+            print(" ".join(f"usage error: {why}".split()), file=error_stream)
+            return EXIT_CANNOT_ANALYSE
+        return 0
     start = time.perf_counter()
     try:
-        LungLesionApp(output_flags=output_flags).run()
+        LungLesionApp(output_flags=output_flags, output_folder=output).run()
     except StudyError as error:
         print(f"cannot analyse this study: {error}", file=error_stream)
         return EXIT_CANNOT_ANALYSE
     except Exception as error:
         logging.exception("internal error")
-        print(f"internal error: {type(error).__name__}: {error}", file=error_stream)
+        print(" ".join(f"internal error: {type(error).__name__}: {error}".split()), file=error_stream)
         return EXIT_INTERNAL_ERROR
     logging.getLogger("timing").info("application: %.1f s", time.perf_counter() - start)
     return 0

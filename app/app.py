@@ -23,11 +23,13 @@ CONFIG = Path(os.environ.get("HOLOSCAN_CONFIG_PATH", Path(__file__).resolve().pa
 class LungLesionApp(Application):
     """DICOM study in; one DICOM SEG segment per lesion, lesions.json and the reports out.
 
-    `output_flags`: command-line output switches (operators.report_writer), applied over app.yaml's.
+    `output_flags`: command-line output switches (operators.report_writer), applied over app.yaml's;
+    `output_folder`: where the outputs go instead of the SDK's output path (the staging folder of app/__main__.py).
     """
 
-    def __init__(self, *args, output_flags: Sequence[str] = (), **kwargs):
+    def __init__(self, *args, output_flags: Sequence[str] = (), output_folder: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.output_folder = output_folder
         config = {}
         if CONFIG.is_file():
             self.config(str(CONFIG))
@@ -36,6 +38,7 @@ class LungLesionApp(Application):
 
     def compose(self):
         app_context = Application.init_app_context(self.argv)
+        output = Path(self.output_folder or app_context.output_path)
 
         loader = RobustDICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=Path(app_context.input_path),
                                                name="dicom_loader")
@@ -45,10 +48,10 @@ class LungLesionApp(Application):
         segmentation = LesionSegmentationOperator(self, app_context=app_context, model_name="lesion_seg",
                                                   name="lesion_segmentation")
         cascade = CascadeFPOperator(self, app_context=app_context, model_name="cascade_fp", name="cascade_fp")
-        writer = LesionSegWriterOperator(self, output_folder=Path(app_context.output_path), seg=self.outputs["seg"],
+        writer = LesionSegWriterOperator(self, output_folder=output, seg=self.outputs["seg"],
                                          lesions_json=self.outputs["json"], algorithm_name="lesion_seg",
                                          algorithm_version=VERSION, name="seg_writer")
-        report = LesionReportOperator(self, output_folder=Path(app_context.output_path),
+        report = LesionReportOperator(self, output_folder=output,
                                       **{name: self.outputs[name] for name in REPORT_OUTPUTS},
                                       algorithm_name="lesion_seg", algorithm_version=VERSION, name="report_writer")
 

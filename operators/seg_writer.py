@@ -23,17 +23,21 @@ LesionSegWriterOperator ports:
 
 from __future__ import annotations
 
-import copy
 import json
+import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, config
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VM
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 from scipy import ndimage
 
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
@@ -41,7 +45,10 @@ from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 from operators.measurements import (LUNG_SHELL_MM, axial_diameters, lesion_location, longest_diameter_3d, lung_contact,
                                    recist_burden)
 from operators.thorax_crop import ThoraxCrop
-from operators.volume import timed_compute
+from operators.volume import TILT_TOLERANCE_MM, tilt_offsets_mm, timed_compute
+
+# highdicom's warning about a one-component person name quotes the patient's name, which must not reach the log.
+warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
 
 SEG_FILE = "seg.dcm"
 LESIONS_FILE = "lesions.json"
@@ -50,6 +57,14 @@ MANUFACTURER = "Lung lesion MAP"
 # Type 2 patient/study attributes that derived objects copy from the first source image (highdicom requires them).
 PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                           "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+DEIDENTIFICATION_KEYWORDS = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
+# Text whose length or characters break its VR (checked with pydicom's validation) is left out too.
+MAX_CHARS = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DT": 26, "LO": 64, "LT": 10240, "SH": 16, "ST": 1024, "TM": 16,
+             "UI": 64}
+TEXT_VRS = tuple(MAX_CHARS)
+NUMERIC_VRS = ("DS", "IS", "FL", "FD", "US", "SS", "UL", "SL", "SV", "UV")
+# DeidentificationMethod where a source says PatientIdentityRemoved YES but names no method (Type 1C).
+UNSTATED_DEIDENTIFICATION = "De-identified before analysis; method not stated in source"
 
 
 def _voxel_to_patient(source_datasets: Sequence[Dataset]) -> Callable[[np.ndarray], np.ndarray]:
@@ -148,24 +163,93 @@ def _segment_description(record: dict, algorithm: hd.AlgorithmIdentificationSequ
     )
 
 
-def with_study_attributes(dataset: Dataset) -> Dataset:
-    """`dataset`, or a repaired copy, whose patient/study attributes a derived object (SEG, SR, PDF) may copy.
+def writer_source(dataset: Dataset) -> Dataset:
+    """A copy of a source header that every writer (SEG, SR, PDF) can copy from; the pixel data are shared.
 
-    Missing Type 2 attributes become present and empty; a Referenced Study Sequence with items that
-    lack the macro's Type 1 attributes (seen in de-identified archives) is left out.
+    - Empty elements are left out (dciodvfy rejects an empty copied Type 1 element such as
+      LossyImageCompression), except the Type 2 patient/study attributes, which become present and empty.
+    - Numeric elements whose text is no number (an empty or odd decimal string), text too long or with
+      characters not allowed for its VR, and several values where one is allowed, are left out.
+    - A Referenced Study Sequence with items that lack the macro's Type 1 attributes (seen in
+      de-identified archives) is left out.
+    - PatientIdentityRemoved YES without a de-identification method gets one (Type 1C in every output).
+    - An unknown or missing character set where there is non-ASCII text becomes UTF-8 (`_character_set`).
     """
-    missing = [keyword for keyword in PATIENT_STUDY_KEYWORDS if keyword not in dataset]
-    incomplete_study_reference = any(
-        "ReferencedSOPClassUID" not in item or "ReferencedSOPInstanceUID" not in item
-        for item in dataset.get("ReferencedStudySequence", []))
-    if not missing and not incomplete_study_reference:
-        return dataset
-    dataset = copy.deepcopy(dataset)
-    for keyword in missing:
-        setattr(dataset, keyword, "")
-    if incomplete_study_reference:
-        del dataset.ReferencedStudySequence
-    return dataset
+    header = Dataset()
+    if hasattr(dataset, "file_meta"):
+        header.file_meta = dataset.file_meta
+    for tag in dataset.keys():
+        element = dataset[tag]
+        if element.is_empty or (element.VR == "UN" and not element.tag.is_private):  # UN: too long for its VR
+            continue
+        if element.VM > 1 and not element.tag.is_private and dictionary_VM(element.tag) == "1":
+            continue
+        if element.VR in NUMERIC_VRS and not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                  for v in _values(element)):
+            continue
+        if element.VR in TEXT_VRS and not _valid_text(element):
+            continue
+        header.add(element)
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    _character_set(header)
+    if any("ReferencedSOPClassUID" not in item or "ReferencedSOPInstanceUID" not in item
+           for item in header.get("ReferencedStudySequence", [])):
+        del header.ReferencedStudySequence
+    if (str(header.get("PatientIdentityRemoved", "")).upper() == "YES"
+            and not set(DEIDENTIFICATION_KEYWORDS[1:]) & set(header.dir())):
+        header.DeidentificationMethod = UNSTATED_DEIDENTIFICATION
+    return header
+
+
+def _valid_text(element) -> bool:
+    try:
+        for value in _values(element):
+            validate_value(element.VR, value, config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return all(len(str(value)) <= MAX_CHARS.get(element.VR, len(str(value))) for value in _values(element))
+
+
+def _character_set(header: Dataset) -> None:
+    """Empty terms of SpecificCharacterSet are left out, and an unknown one (or a code extension alone)
+    altogether; without one, non-ASCII text is declared UTF-8 (ISO_IR 192), the encoding every output is then
+    written in."""
+    declared = _values(header["SpecificCharacterSet"]) if "SpecificCharacterSet" in header else []
+    terms = [term for term in declared if term]
+    if len(terms) > 1 and all(term in python_encoding for term in terms):
+        header.SpecificCharacterSet = terms
+    elif len(terms) == 1 and terms[0] in python_encoding and not terms[0].startswith("ISO 2022"):
+        header.SpecificCharacterSet = terms[0]
+    elif "SpecificCharacterSet" in header:
+        del header.SpecificCharacterSet
+    if "SpecificCharacterSet" not in header and any(
+            element.VR in TEXT_VRS + ("PN", "UT", "UC") and not str(element.value).isascii() for element in header):
+        header.SpecificCharacterSet = "ISO_IR 192"
+
+
+def _values(element) -> list:
+    return list(element.value) if element.VM > 1 else [element.value]
+
+
+def writer_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
+    """`writer_source` of every slice, with the geometry a SEG or an SR image library needs: SpacingBetweenSlices
+    the median step between the slice positions, SliceThickness the source's or else that step.
+
+    Raises ValueError when the slices are not stacked along their normal (gantry tilt): readers such as
+    dcmqi place SEG frames on such an untilted grid.
+    """
+    steps, offsets = tilt_offsets_mm(source_datasets)
+    if len(offsets) and offsets.max() > TILT_TOLERANCE_MM:
+        raise ValueError(f"the source slices are shifted in-plane by up to {offsets.max():.2f} mm (gantry tilt)")
+    step = float(np.median(steps)) if len(steps) else 1.0
+    headers = [writer_source(ds) for ds in source_datasets]
+    for header in headers:
+        header.SpacingBetweenSlices = round(step, 6)
+        if "SliceThickness" not in header:
+            header.SliceThickness = round(step, 6)
+    return headers
 
 
 def build_lesion_seg(source_datasets: Sequence[Dataset], instance_labels: np.ndarray, records: Sequence[dict],
@@ -174,7 +258,7 @@ def build_lesion_seg(source_datasets: Sequence[Dataset], instance_labels: np.nda
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, version=algorithm_version, family=codes.DCM.ArtificialIntelligence)
     return hd.seg.Segmentation(
-        source_images=[with_study_attributes(source_datasets[0]), *source_datasets[1:]],
+        source_images=writer_sources(source_datasets),
         pixel_array=instance_labels.astype(np.uint16, copy=False),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment_description(r, algorithm) for r in records],

@@ -5,7 +5,10 @@ What the stock SDK path (monai-deploy-app-sdk 4.0.0) does on real archives, and 
   series is then never attached to its study: every file of that series is silently lost.
   -> `populate_series_attributes` sees the instance without its empty elements.
 - Loader: only files with the DICOM "DICM" marker are read; other files are ignored with a count
-  in the log. An empty folder or a folder without DICOM files is a one-line StudyError.
+  in the log. Unreadable and truncated files (a partial transfer) are skipped with a warning each; of
+  two files at one position the SDK keeps the first it reads, so a truncated copy must never get there.
+  Folders are read in sorted order, links followed once. An empty folder or a folder without DICOM
+  files is a one-line StudyError.
 - Selector: the rules match AND-only, the first match wins in folder order, and a study without a
   match yields an empty list that makes the next operator fail with an opaque scheduler error;
   the "Axial" orientation rule raises when PatientPosition is absent.
@@ -18,44 +21,125 @@ What the stock SDK path (monai-deploy-app-sdk 4.0.0) does on real archives, and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom import Dataset
 from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, CTImageStorage
 
 from monai.deploy.core import Fragment
 from monai.deploy.core.domain.dicom_series import DICOMSeries
+from monai.deploy.core.domain.dicom_study import DICOMStudy
 from monai.deploy.core.domain.dicom_series_selection import SelectedSeries, StudySelectedSeries
 from monai.deploy.exceptions import ItemNotExistsError
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
 
-from operators.volume import CTVolume, StudyError, timed_compute
+from operators.volume import TILT_TOLERANCE_MM, CTVolume, StudyError, tilt_offsets_mm, timed_compute
 
 log = logging.getLogger(__name__)
 
 RULES_FILE = Path(__file__).with_name("series_rules.json")
 ORIENTATION_KEY = "ImageOrientationPatient"
+SAME_POSITION_MM = 0.01  # slices closer than this along the normal are at one position
+NO_MARKER = "no DICOM marker"
+# What every file must carry valid for the SDK loader and the outputs' references, and geometry the SDK parses.
+IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+GEOMETRY_VALUES = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0: the end of encapsulated pixel data
 
 
-def _is_dicom_file(path: str) -> bool:
-    with open(path, "rb") as file:
-        return file.read(132)[128:] == b"DICM"
+def read_instance(path: str) -> Dataset | str:
+    """The DICOM instance in a file, or why it cannot be used (a short phrase; NO_MARKER for other files).
+
+    A partial transfer is caught here: pydicom reads a cut encapsulated file as an empty dataset or without the
+    delimiter that ends its pixel data, a cut native one with less pixel data than its header promises.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file"
+        with open(path, "rb") as file:
+            if file.read(132)[128:] != b"DICM":
+                return NO_MARKER
+        dataset = pydicom.dcmread(path)
+        if len(dataset) == 0:
+            return "truncated or unreadable"
+        invalid = [keyword for keyword in IDENTIFYING_UIDS if not _valid_uid(dataset.get(keyword))]
+        if dataset.get("FrameOfReferenceUID") and not _valid_uid(dataset.FrameOfReferenceUID):
+            invalid.append("FrameOfReferenceUID")
+        invalid += [keyword for keyword, count in GEOMETRY_VALUES.items()
+                    if keyword in dataset and not _numbers(dataset[keyword], count)]
+        if invalid:
+            return f"invalid or missing {', '.join(invalid)}"
+        if "PixelData" not in dataset:
+            return dataset
+        if dataset["PixelData"].is_undefined_length:  # encapsulated (compressed)
+            with open(path, "rb") as file:
+                file.seek(-len(SEQUENCE_DELIMITER), os.SEEK_END)
+                complete = file.read() == SEQUENCE_DELIMITER
+        else:
+            complete = len(dataset.PixelData) >= get_expected_length(dataset)
+    except Exception as error:  # noqa: BLE001 (any unreadable file is skipped, not fatal)
+        return f"unreadable ({type(error).__name__})"
+    return dataset if complete else "truncated pixel data"
+
+
+def _valid_uid(value) -> bool:
+    return isinstance(value, str) and UID(value).is_valid
+
+
+def _numbers(element, count: int) -> bool:
+    """Whether an element holds `count` finite numbers (an empty one counts as absent)."""
+    if element.is_empty:
+        return True
+    values = list(element.value) if element.VM > 1 else [element.value]
+    try:
+        return len(values) == count and all(math.isfinite(float(v)) for v in values)
+    except (TypeError, ValueError):
+        return False
 
 
 class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
-    """The SDK loader that ignores non-DICOM files and tolerates empty series attributes."""
+    """The SDK loader that skips non-DICOM, unreadable, truncated and duplicate files, refuses two different
+    files with one SOP Instance UID, and tolerates empty series attributes."""
 
     def _list_files(self, path, files: list[str]):
-        found: list[str] = []
-        super()._list_files(path, found)
-        files.extend(f for f in found if _is_dicom_file(f))
-        if len(files) < len(found):
-            log.info("ignored %d of %d files without the DICOM marker", len(found) - len(files), len(found))
+        found, visited = [], set()
+        for folder, subfolders, names in os.walk(path, followlinks=True):
+            if os.path.realpath(folder) in visited:  # a link back up the tree
+                subfolders.clear()
+                continue
+            visited.add(os.path.realpath(folder))
+            subfolders.sort()
+            found += [os.path.join(folder, name) for name in sorted(names)]
+        others, contents = 0, {}
+        for item in found:
+            instance = read_instance(item)
+            if instance == NO_MARKER:
+                others += 1
+            elif isinstance(instance, str):
+                log.warning("skipped %s: %s", os.path.relpath(item, path), instance)
+            else:
+                uid = str(instance.get("SOPInstanceUID", ""))
+                digest = hashlib.sha1(instance.get("PixelData") or b"").digest()
+                if uid not in contents:
+                    contents[uid] = digest
+                    files.append(item)
+                elif contents[uid] != digest:
+                    raise StudyError(f"two files with different images have one SOP Instance UID ({uid})")
+        if others:
+            log.info("ignored %d of %d files without the DICOM marker", others, len(found))
 
     def populate_series_attributes(self, series, sop_instance):
         present = Dataset()
@@ -83,6 +167,16 @@ class SeriesGeometry:
     kernel: str
 
 
+def _decodable(dataset: Dataset) -> bool:
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        if syntax is None or not syntax.is_compressed:
+            return True
+        return get_decoder(syntax).is_available
+    except (NotImplementedError, ValueError):  # no decoder, or no transfer syntax pydicom knows
+        return False
+
+
 def _kernel(dataset: Dataset) -> str:
     kernel = dataset.get("ConvolutionKernel", "")
     return " ".join(map(str, kernel)) if isinstance(kernel, MultiValue) else str(kernel or "")
@@ -96,22 +190,34 @@ def _slice_normal(dataset: Dataset) -> np.ndarray:
 def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | str:
     """The geometry of a series, or why it cannot be read as one axial volume (a short phrase)."""
     images = [d for d in datasets if "PixelData" in d]
-    needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns")
+    if any(int(d.get("NumberOfFrames") or 1) > 1 for d in images):
+        return "multi-frame images (enhanced CT is not analysed)"
+    if any(d.get("SOPClassUID") != CTImageStorage for d in images):
+        return "images of another SOP class than CT Image Storage"
+    undecodable = sorted({str(d.file_meta.TransferSyntaxUID) for d in images if not _decodable(d)})
+    if undecodable:
+        return f"pixel data in a transfer syntax that cannot be decoded here ({', '.join(undecodable)})"
+    needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
+              "FrameOfReferenceUID")
     lacking = sorted({key for d in images for key in needed if d.get(key) in (None, "", [])})
     if lacking:
         return f"slices without {', '.join(lacking)}"
     if len(images) < usable["min_slices"]:
         return f"{len(images)} slices (at least {usable['min_slices']} needed)"
-    if len({(tuple(map(float, d.ImageOrientationPatient)), int(d.Rows), int(d.Columns)) for d in images}) > 1:
-        return "slices differ in orientation or size"
-    normal = _slice_normal(images[0])
-    if int(np.argmax(np.abs(normal))) != 2:
+    if len({(tuple(map(float, d.ImageOrientationPatient)), int(d.Rows), int(d.Columns), d.FrameOfReferenceUID)
+            for d in images}) > 1:
+        return "slices differ in orientation, size or frame of reference"
+    if int(np.argmax(np.abs(_slice_normal(images[0])))) != 2:
         return "not axial"
-    positions = np.sort([float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))) for d in images])
-    steps = np.diff(positions)
+    steps, offsets = tilt_offsets_mm(images)
+    if offsets.max() > TILT_TOLERANCE_MM:
+        tilt = np.degrees(np.arctan2(offsets[-1], steps.sum()))
+        return f"gantry tilt of {tilt:.1f} degrees (tilted series are not analysed)"
+    if steps.min() < SAME_POSITION_MM:
+        return "several slices at one position"
     spacing = float(np.median(steps))
-    coverage = float(positions[-1] - positions[0] + spacing)
-    if spacing <= 0 or spacing > usable["max_slice_spacing_mm"]:
+    coverage = float(steps.sum() + spacing)
+    if spacing > usable["max_slice_spacing_mm"]:
         return f"slice spacing {spacing:.1f} mm (at most {usable['max_slice_spacing_mm']} mm)"
     if steps.max() > usable["max_gap_ratio"] * spacing:
         return f"missing slices (a gap of {steps.max():.1f} mm where slices are {spacing:.1f} mm apart)"
@@ -123,7 +229,8 @@ def series_geometry(datasets: list[Dataset], usable: dict) -> SeriesGeometry | s
 def _describe(series: DICOMSeries) -> str:
     first = series.get_sop_instances()[0].get_native_sop_instance()
     name = " ".join(str(first.get(key) or "") for key in ("SeriesNumber", "SeriesDescription")).strip()
-    return f"series {name or series.SeriesInstanceUID} ({first.get('Modality', '?')}, {len(series.get_sop_instances())} files)"
+    modality, count = first.get("Modality") or "?", len(series.get_sop_instances())
+    return f"series {name or series.SeriesInstanceUID} ({modality}, {count} files)"
 
 
 class ChestCTSeriesSelectorOperator(DICOMSeriesSelectorOperator):
@@ -139,19 +246,31 @@ class ChestCTSeriesSelectorOperator(DICOMSeriesSelectorOperator):
             return 0
         return 2 if re.search(prefer["sharp_kernels"], kernel) else 1
 
+    def _sdk_match(self, sdk_rules: dict, study: DICOMStudy, series: DICOMSeries) -> str | None:
+        """The name of the SDK selection that `series` matches, or None (also where its headers break the SDK)."""
+        alone = DICOMStudy(study.StudyInstanceUID)
+        alone.add_series(series)
+        try:
+            selected = super().filter(sdk_rules, [alone], all_matched=True)
+        except Exception as error:  # noqa: BLE001 (e.g. a single-valued ImageType)
+            log.warning("%s: the series rules cannot read its headers (%s)", _describe(series), type(error).__name__)
+            return None
+        return next((item.selection_name for chosen in selected for item in chosen.selected_series), None)
+
     def filter(self, selection_rules, dicom_study_list, all_matched=True, sort_by_sop_instance_count=False):
         sdk_rules = {"selections": [
             {**s, "conditions": {k: v for k, v in s["conditions"].items() if k != ORIENTATION_KEY}}
             for s in selection_rules["selections"]]}
-        matched = {selected.series.SeriesInstanceUID: (study_selected.study, selected.selection_name)
-                   for study_selected in super().filter(sdk_rules, dicom_study_list, all_matched=True)
-                   for selected in study_selected.selected_series}
-        usable, reasons = [], []
+        usable, reasons, matched = [], [], {}
         for study in dicom_study_list:
             for series in study.get_all_series():
-                if series.SeriesInstanceUID not in matched:
+                if not series.get_sop_instances():  # the SDK loader could parse none of its files
+                    continue
+                name = self._sdk_match(sdk_rules, study, series)
+                if name is None:
                     reasons.append(f"{_describe(series)}: not a CT image series")
                     continue
+                matched[series.SeriesInstanceUID] = (study, name)
                 datasets = [sop.get_native_sop_instance() for sop in series.get_sop_instances()]
                 geometry = series_geometry(datasets, self.config["usable"])
                 if isinstance(geometry, str):
@@ -161,7 +280,7 @@ class ChestCTSeriesSelectorOperator(DICOMSeriesSelectorOperator):
                     log.info("usable %s: %d slices, %.2f mm apart, kernel %r", _describe(series), geometry.slices,
                              geometry.slice_spacing_mm, geometry.kernel)
         if not usable:
-            raise StudyError("no usable axial CT series: " + "; ".join(reasons))
+            raise StudyError("no usable axial CT series: " + ("; ".join(reasons) or "no series could be read"))
         geometry, best = min(usable, key=lambda item: (round(item[0].slice_spacing_mm * 2) / 2,
                                                        self._kernel_rank(item[0].kernel), -item[0].slices))
         study, name = matched[best.SeriesInstanceUID]
@@ -194,11 +313,14 @@ class CTVolumeOperator(DICOMSeriesToVolumeOperator):
 
     @timed_compute
     def compute(self, op_input, op_output, context):
-        study_selected_series_list = op_input.receive(self.input_name_series)
+        op_output.emit(self.volume(op_input.receive(self.input_name_series)), "volume")
+
+    def volume(self, study_selected_series_list) -> CTVolume:
+        """The CTVolume of the first selected series."""
         series = study_selected_series_list[0].selected_series[0].series
         try:
             image = self.convert_to_image(study_selected_series_list)
-        except RuntimeError as error:  # the SDK's wrapper around pixel decoding and rescale failures
+        except Exception as error:  # noqa: BLE001 (any failure to decode or rescale this series' pixel data)
             raise StudyError(f"pixel data of {_describe(series)} cannot be read: {error.__cause__ or error}") from error
         datasets = [sop.get_native_sop_instance() for sop in series.get_sop_instances()]  # sorted by the SDK
         normal = _slice_normal(datasets[0])
@@ -212,4 +334,13 @@ class CTVolumeOperator(DICOMSeriesToVolumeOperator):
             series_uid=str(datasets[0].SeriesInstanceUID),
         )
         log.info("volume %s, spacing %s mm", volume.hu.shape, tuple(round(s, 3) for s in volume.spacing))
-        op_output.emit(volume, "volume")
+        return volume
+
+
+def read_study(input_folder: Path) -> CTVolume:
+    """The app's input stage as a plain function: load the folder, choose the series, read its volume.
+    Raises StudyError with the app's one-line reason when the study cannot be analysed."""
+    fragment = Fragment()
+    studies = RobustDICOMDataLoaderOperator(fragment).load_data_to_studies(Path(input_folder))
+    selector = ChestCTSeriesSelectorOperator(fragment)
+    return CTVolumeOperator(fragment).volume(selector.filter(selector.config, studies))

@@ -23,7 +23,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from operators.seg_writer import MANUFACTURER, with_study_attributes
+from operators.seg_writer import MANUFACTURER, writer_sources
 
 SR_FILE = "sr.dcm"
 SR_SERIES_NUMBER = 902
@@ -99,7 +99,8 @@ def build_measurement_sr(source_datasets: Sequence[Dataset], document: dict, *, 
     if records and document["seg"] is None:
         raise ValueError("the SR references the lesions' SEG segments, but no SEG was written")
     algorithm = hd.sr.AlgorithmIdentification(name=algorithm_name, version=algorithm_version)
-    source_by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+    sources = writer_sources(source_datasets)
+    source_by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     groups = [_lesion_group(r, document["seg"], document["series_instance_uid"], source_by_uid, algorithm)
               for r in records]
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -117,7 +118,7 @@ def build_measurement_sr(source_datasets: Sequence[Dataset], document: dict, *, 
         referenced_images=list({r["axial_slice_sop_instance_uid"]: source_by_uid[r["axial_slice_sop_instance_uid"]]
                                 for r in records}.values()),
     )
-    evidence = [with_study_attributes(source_datasets[0]), *source_datasets[1:]]
+    evidence = list(sources)
     if document["seg"] is not None:
         evidence.append(_seg_reference(document))
     return hd.sr.Comprehensive3DSR(

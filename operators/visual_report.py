@@ -26,7 +26,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from operators.seg_writer import MANUFACTURER, PATIENT_STUDY_KEYWORDS, with_study_attributes
+from operators.seg_writer import DEIDENTIFICATION_KEYWORDS, MANUFACTURER, PATIENT_STUDY_KEYWORDS, writer_source
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 PDF_SERIES_NUMBER = 903
@@ -130,7 +130,7 @@ def encapsulated_pdf(pdf: bytes, source_dataset: Dataset, document: dict) -> Dat
     """An Encapsulated PDF instance in the source's patient, study and frame of reference; it lists the
     key slices it shows as its source instances."""
     now = datetime.datetime.now()
-    source = with_study_attributes(source_dataset)
+    source = writer_source(source_dataset)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -139,6 +139,9 @@ def encapsulated_pdf(pdf: bytes, source_dataset: Dataset, document: dict) -> Dat
     ds.SOPClassUID, ds.SOPInstanceUID = ENCAPSULATED_PDF_STORAGE, generate_uid()
     for keyword in ("StudyInstanceUID", *PATIENT_STUDY_KEYWORDS):
         setattr(ds, keyword, source.get(keyword))
+    for keyword in DEIDENTIFICATION_KEYWORDS:  # Type 3 and their Type 1C method, as in the SEG and the SR
+        if keyword in source:
+            ds[keyword] = source[keyword]
     ds.FrameOfReferenceUID = source.FrameOfReferenceUID  # not in the IOD; ties the report to the source geometry
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "DOC", generate_uid(), PDF_SERIES_NUMBER
     ds.SeriesDescription = "Lung lesion report (automatic)"

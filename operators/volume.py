@@ -1,4 +1,4 @@
-"""What the operators pass along: the CT volume, the "study cannot be analysed" error, timing.
+"""What the operators pass along: the CT volume, the "study cannot be analysed" error, timing, slice geometry.
 
 CTVolume follows docs/ARCHITECTURE.md: HU float32 [z, y, x], spacing (z, y, x) mm, slices sorted
 ascending along the slice normal, the pydicom datasets in that z order, and the affine that maps a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +18,16 @@ from pydicom import Dataset
 
 log = logging.getLogger("timing")
 
+# How far (mm) a slice's position may lie off the normal through the first slice's (a gantry tilt shifts it).
+TILT_TOLERANCE_MM = 0.05
+
 
 class StudyError(Exception):
-    """The input cannot be analysed (no usable chest CT series); the message is one line for the user."""
+    """The input cannot be analysed (no usable chest CT series); the message is one line for the user (line breaks
+    in it, e.g. from a header value quoted in a decoder's error, become spaces)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -41,3 +49,16 @@ def timed_compute(compute):
         log.info("%s: %.2f s", self.name, time.perf_counter() - start)
 
     return wrapper
+
+
+def tilt_offsets_mm(datasets: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps between neighbouring slices along the normal, each slice's in-plane offset (mm) from the normal
+    through the first), slices sorted along the normal of the first slice's plane; the offsets are zero unless
+    the gantry was tilted."""
+    cosines = np.asarray(datasets[0].ImageOrientationPatient, float)
+    normal = np.cross(cosines[:3], cosines[3:])
+    normal /= np.linalg.norm(normal)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    positions = positions[np.argsort(positions @ normal)]
+    from_first = positions - positions[0]
+    return np.diff(positions @ normal), np.linalg.norm(from_first - np.outer(from_first @ normal, normal), axis=1)

@@ -7,6 +7,7 @@ import pydicom
 import pytest
 
 from tests.conftest import run_app
+from tests.exit_status import assert_documented_status
 
 
 def _copy_slices(phantom_study, tmp_path, keep=lambda index: True, edit=None):
@@ -29,6 +30,7 @@ def _assert_refused(result, output, phrase):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr
     assert len(lines) == 1 and phrase in lines[0], result.stderr
+    assert_documented_status(result.returncode, lines[0])
     assert "Traceback" not in result.stderr
     assert not output.exists() or not any(output.iterdir())
 
@@ -64,9 +66,19 @@ def test_refused_in_one_line(case, phantom_study, models_dir, tmp_path):
     _assert_refused(run_app(folder, output, models_dir), output, phrase)
 
 
+def test_usage_error_is_one_line(tmp_path, models_dir):
+    result = run_app(tmp_path / "no such folder", tmp_path / "output", models_dir)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("usage error: "), result.stderr
+    assert "No such file/folder" in lines[0]
+    assert_documented_status(result.returncode, lines[0])
+    assert not (tmp_path / "output").exists()
+
+
 def test_missing_model_is_an_internal_error(phantom_study, tmp_path):
     output = tmp_path / "output"
     result = run_app(phantom_study[0], output, tmp_path)  # a models folder without lesion_seg
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("internal error:"), result.stderr
+    assert_documented_status(result.returncode, lines[0])
     assert not output.exists() or not any(output.iterdir())

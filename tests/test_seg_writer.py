@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from operators.seg_writer import LESIONS_FILE, SEG_FILE, LesionSegWriterOperator, write_lesion_outputs
-from tests.dicom_validation import assert_dciodvfy_clean
+from tests.dicom_validation import assert_dciodvfy_clean, assert_dcmqi_reads_exactly
 
 REAL_DATA = Path(os.environ.get("LUNG_MAP_REAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/real"))
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -49,14 +49,20 @@ class Series:
 
 
 def make_series(lesions: list[Lesion], *, shape=(24, 64, 64), pixel_mm=(0.8, 0.8), table_step_mm=2.0, tilt_deg=0.0,
-                signed=True, drop: tuple[str, ...] = (), incomplete_study_reference=False) -> Series:
+                orientation=None, signed=True, drop: tuple[str, ...] = (), incomplete_study_reference=False) -> Series:
     """One CT Image Storage dataset per slice; pixel_mm is (between rows, between columns) like
-    PixelSpacing; a gantry tilt turns the image plane about patient x."""
+    PixelSpacing; a gantry tilt turns the image plane about patient x, the slices still stepping along
+    the table (patient z). `orientation` (row and column direction) stacks the slices along its normal
+    instead, table_step_mm apart; a lesion's table offset is then along that normal."""
     nz, ny, nx = shape
     dy, dx = pixel_mm
     tilt = math.radians(tilt_deg)
     row_dir, col_dir = np.array([1.0, 0, 0]), np.array([0, math.cos(tilt), math.sin(tilt)])
-    origins = np.array([[-20.0, -30.0, -100.0 + k * table_step_mm] for k in range(nz)])
+    stack = np.array([0, 0, 1.0])
+    if orientation is not None:
+        row_dir, col_dir = (np.asarray(v, float) for v in orientation)
+        stack = np.cross(row_dir, col_dir)
+    origins = np.array([-20.0, -30.0, -100.0]) + np.outer(np.arange(nz) * table_step_mm, stack)
     k, i, j = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
     points = origins[k] + (j * dx)[..., None] * row_dir + (i * dy)[..., None] * col_dir
     labels = np.zeros(shape, np.int32)
@@ -64,7 +70,7 @@ def make_series(lesions: list[Lesion], *, shape=(24, 64, 64), pixel_mm=(0.8, 0.8
     centres = []
     for number, lesion in enumerate(lesions, 1):
         cz, cy, cx = lesion.centre_grid_mm
-        centre = origins[0] + (0, 0, cz) + cx * row_dir + cy * col_dir
+        centre = origins[0] + cz * stack + cx * row_dir + cy * col_dir
         inside = (((points - centre) / lesion.semi_axes_mm) ** 2).sum(axis=-1) <= 1
         labels[inside], hu[inside] = number, lesion.hu
         centres.append(centre)
@@ -109,7 +115,7 @@ VARIANTS = {  # (make_series arguments, source order); slice steps divide the le
     "ascending_signed": (dict(), "ascending"),
     "descending_unsigned": (dict(signed=False, pixel_mm=(0.7, 0.75), table_step_mm=1.5, shape=(32, 72, 72)),
                             "descending"),
-    "shuffled_tilted": (dict(tilt_deg=20.0, table_step_mm=3.0, shape=(17, 64, 64)), "shuffled"),
+    "shuffled": (dict(table_step_mm=3.0, shape=(17, 64, 64)), "shuffled"),
     "missing_attributes": (dict(drop=("PatientName", "StudyID", "AccessionNumber", "PatientBirthDate",
                                       "PatientSex", "ReferringPhysicianName", "StudyTime")), "ascending"),
     "incomplete_study_reference": (dict(incomplete_study_reference=True), "ascending"),
@@ -119,13 +125,6 @@ VARIANTS = {  # (make_series arguments, source order); slice steps divide the le
 def _permutation(order: str, n: int) -> np.ndarray:
     return {"ascending": np.arange(n), "descending": np.arange(n)[::-1],
             "shuffled": np.random.default_rng(0).permutation(n)}[order]
-
-
-def _lesions_for(kwargs: dict) -> list[Lesion]:
-    """Spheres only under a gantry tilt (an ellipsoid's axial section would then depend on the tilt)."""
-    if kwargs.get("tilt_deg"):
-        return [SPHERE, Lesion(ELLIPSOID.centre_grid_mm, (5, 5, 5), ELLIPSOID.hu), SMALL]
-    return [SPHERE, ELLIPSOID, SMALL]
 
 
 def _check_seg(seg_path: Path, datasets: list[Dataset], labels: np.ndarray, document: dict) -> None:
@@ -144,6 +143,8 @@ def _check_seg(seg_path: Path, datasets: list[Dataset], labels: np.ndarray, docu
         referenced = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         assert np.allclose(frame.PlanePositionSequence[0].ImagePositionPatient,
                            by_uid[referenced].ImagePositionPatient)
+    assert_untilted_grid(seg)
+    assert_dcmqi_reads_exactly(seg_path, datasets, labels)
     records = document["lesions"]
     numbers = [r["segment_number"] for r in records]
     assert list(seg.get_segment_numbers()) == numbers
@@ -159,10 +160,25 @@ def _check_seg(seg_path: Path, datasets: list[Dataset], labels: np.ndarray, docu
         assert description.algorithm_identification[0].AlgorithmName == "lesion_seg"
 
 
+def assert_untilted_grid(seg: Dataset) -> None:
+    """What dcmqi relies on to place frames: every frame on the normal through the first frame's position, at a
+    whole number of SpacingBetweenSlices (the shared Pixel Measures) from it."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    cosines = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    normal = np.cross(cosines[:3], cosines[3:])
+    step = float(shared.PixelMeasuresSequence[0].SpacingBetweenSlices)
+    frames = seg.PerFrameFunctionalGroupsSequence
+    positions = np.array([f.PlanePositionSequence[0].ImagePositionPatient for f in frames], float)
+    from_first = positions - positions[0]
+    along = from_first @ normal
+    assert np.abs(from_first - np.outer(along, normal)).max() < 0.05
+    assert np.abs(along / step - np.round(along / step)).max() < 0.01
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_seg_and_measurements_of_known_geometry(tmp_path, variant):
     kwargs, order = VARIANTS[variant]
-    lesions = _lesions_for(kwargs)
+    lesions = [SPHERE, ELLIPSOID, SMALL]
     series = make_series(lesions, **kwargs)
     perm = _permutation(order, len(series.datasets))
     datasets = [series.datasets[k] for k in perm]
@@ -196,6 +212,15 @@ def test_seg_and_measurements_of_known_geometry(tmp_path, variant):
         assert datasets[record["axial_slice_index"]].SOPInstanceUID == record["axial_slice_sop_instance_uid"]
         assert record["mean_hu"] == pytest.approx(lesion.hu)
         assert record["score"] == pytest.approx(score)
+
+
+def test_tilted_series_gets_no_seg(tmp_path):
+    """dcmqi places SEG frames on a grid stacked along the normal; a tilted series is refused by the series
+    selector, and the writer refuses it too rather than write a SEG that dcmqi misreads."""
+    series = make_series([SPHERE], shape=(12, 48, 48), tilt_deg=5.0)
+    with pytest.raises(ValueError, match="gantry tilt"):
+        write_lesion_outputs(series.datasets, series.labels, [0.9], series.hu, series.spacing, tmp_path)
+    assert not (tmp_path / SEG_FILE).exists()
 
 
 def test_no_lesions_writes_empty_list_and_no_seg(tmp_path):

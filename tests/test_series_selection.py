@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from pydicom import Dataset
+from pydicom.uid import CTImageStorage
 
 from monai.deploy.core import Fragment
 from monai.deploy.operators import DICOMDataLoaderOperator
@@ -16,14 +17,17 @@ from tests.conftest import real_case
 USABLE = json.loads(RULES_FILE.read_text())["usable"]
 
 
-def _slices(count=40, step=2.5, orientation=(1, 0, 0, 0, 1, 0), skip=()):
+def _slices(count=40, step=2.5, orientation=(1, 0, 0, 0, 1, 0), skip=(), tilt_deg=0.0, repeat=()):
+    """Slices stacked along patient z; a gantry tilt turns the image plane about patient x."""
+    tilt = np.radians(tilt_deg)
+    if tilt_deg:
+        orientation = (1, 0, 0, 0, np.cos(tilt), np.sin(tilt))
     slices = []
-    for k in range(count):
-        if k in skip:
-            continue
+    for k in [k for k in range(count) if k not in skip] + list(repeat):
         d = Dataset()
         d.ImageOrientationPatient, d.ImagePositionPatient = list(orientation), [0.0, 0.0, k * step]
         d.PixelSpacing, d.Rows, d.Columns, d.PixelData = [0.7, 0.7], 512, 512, b""
+        d.FrameOfReferenceUID, d.SOPClassUID = "1.2.3", CTImageStorage
         slices.append(d)
     return slices
 
@@ -35,6 +39,9 @@ def _slices(count=40, step=2.5, orientation=(1, 0, 0, 0, 1, 0), skip=()):
     (_slices(step=10.0), "slice spacing 10.0 mm"),
     (_slices(orientation=(1, 0, 0, 0, 0, -1)), "not axial"),
     (_slices(count=12, step=1.0), "covers 12 mm"),
+    (_slices(tilt_deg=15.0), "gantry tilt of 15.0 degrees (tilted series are not analysed)"),
+    (_slices(tilt_deg=0.1), "gantry tilt of 0.1 degrees"),
+    (_slices(repeat=(7,)), "several slices at one position"),
 ])
 def test_series_geometry(slices, reason):
     geometry = series_geometry(slices, USABLE)
