@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     except CohortError as error:
         print(error, file=sys.stderr)
         return EXIT_CANNOT_ANALYSE
+    except KeyboardInterrupt:
+        print(f"interrupted: finished studies are kept in {args.out}; run again to do the others", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     except Exception as error:
         log.exception("internal error")
         print(f"internal error: {type(error).__name__}: {error}", file=sys.stderr)
