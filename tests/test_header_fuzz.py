@@ -1,10 +1,13 @@
 """Property-based fuzzing (hypothesis) of the header reading path: whatever a file or a header element holds,
 the input stage either reads the study or refuses it with a one-line StudyError listed in the README, and the
-writers' source headers build; nothing else may escape (an app exit status 1)."""
+writers' source headers build; nothing else may escape (an app exit status 1).
+
+The suite runs 150 examples per test; LUNG_MAP_FUZZ_EXAMPLES sets another count (README: the 1,000-example run)."""
 
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from tests.exit_status import assert_documented_refusal
 from tests.test_seg_writer import SPHERE, make_series
 
 SERIES = make_series([SPHERE], shape=(12, 16, 16), pixel_mm=(2.0, 2.0), table_step_mm=3.0)
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("LUNG_MAP_FUZZ_EXAMPLES", 150)), deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 # Header elements the loader, the series choice, the volume and the writers read.
 KEYWORDS = ["ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
             "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
