@@ -100,16 +100,20 @@ def run_study(study: Study, out: Path, models: Path | None = None, threads: int 
     environment = {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads))}
     start = time.perf_counter()
     with open(work / "app.log", "w") as app_log:
+        # Its own process group, so that a timeout also ends the analysis process the app starts.
+        app = subprocess.Popen(command, cwd=REPO, env=environment, stdout=app_log, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, preexec_fn=partial(_child_limits, memory_bytes))
         try:
-            result = subprocess.run(command, cwd=REPO, env=environment, stdout=app_log, stderr=subprocess.PIPE,
-                                    text=True, timeout=timeout, preexec_fn=partial(_child_limits, memory_bytes))
-            lines = result.stderr.strip().splitlines()
-            app_log.write(result.stderr)
-            status = {0: "done", EXIT_CANNOT_ANALYSE: "refused"}.get(result.returncode, "crashed")
-            exit_status = result.returncode
-            reason = (f"killed by signal {-result.returncode}" if result.returncode < 0 else
-                      lines[-1] if lines and result.returncode else "")
+            errors = app.communicate(timeout=timeout)[1]
+            lines = errors.strip().splitlines()
+            app_log.write(errors)
+            status = {0: "done", EXIT_CANNOT_ANALYSE: "refused"}.get(app.returncode, "crashed")
+            exit_status = app.returncode
+            reason = (f"killed by signal {-app.returncode}" if app.returncode < 0 else
+                      lines[-1] if lines and app.returncode else "")
         except subprocess.TimeoutExpired:
+            os.killpg(app.pid, signal.SIGKILL)
+            app.wait()
             status, exit_status, reason = "timeout", None, f"no result in {timeout:g} s"
     row = {"key": study.key, "folder": str(study.folder), "status": status, "exit_status": exit_status,
            "reason": reason, "seconds": round(time.perf_counter() - start, 1), "attempts": attempt}

@@ -18,10 +18,11 @@ probability and keeps it when the probability >= `threshold`. Its `input` is eit
 - "features": float32 [N, F], the candidate's features named in `feature_names`.
 It returns the probability, float32 [N]. Patches and the multiscale Hessian measures (blob versus
 tube, `hessian_features`) are computed once, for the candidates that reach the first learned stage.
-A learned stage judges only candidates like those it was trained on: one whose longest axial diameter
-exceeds the stage's `max_long_axis_mm` (the largest lesion of its training data; a larger mass also
-overfills its patches) passes it unjudged, with a note in its features, rather than being dropped
-for looking unlike anything the stage has seen.
+A learned stage judges only candidates like those it was trained on: a mass larger than the largest
+lesion of its training data (the diameter of a sphere of the candidate's volume over the stage's
+`max_equivalent_diameter_mm`; such a mass also overfills its patches) passes it unjudged, with a note in
+its features, rather than being dropped for looking unlike anything the stage has seen. A long but
+thin candidate (a sliver along the heart or diaphragm) is still judged.
 
 The lesion score is the probability of the last learned stage a candidate passed (the network's
 maximum probability when there is none).
@@ -188,6 +189,11 @@ def hessian_features(patches: np.ndarray, spec: dict) -> list[dict]:
     return measures
 
 
+def equivalent_diameter_mm(volume_ml: float) -> float:
+    """The diameter of a sphere of this volume."""
+    return float((6000.0 * volume_ml / np.pi) ** (1 / 3))
+
+
 def _feature_stage_rejects(feature: dict, thresholds: dict) -> str | None:
     """Why the feature stage drops a candidate, or None to keep it."""
     low_hu, high_hu = thresholds["mean_hu"]
@@ -231,11 +237,10 @@ def run_stages(features: list[dict], stages: list[dict], patches_of: Callable[[l
                 if reason:
                     features[i]["dropped_by"] = f"{stage['name']}: {reason}"
             continue
-        largest = stage.get("max_long_axis_mm", np.inf)
-        for i in alive:
-            if features[i]["long_axis_mm"] > largest:
-                features[i][f"{stage['name']}_not_judged"] = f"long axis over the {largest:g} mm it was trained on"
-        judged = [i for i in alive if features[i]["long_axis_mm"] <= largest]
+        largest = stage.get("max_equivalent_diameter_mm", np.inf)
+        judged = [i for i in alive if equivalent_diameter_mm(features[i]["volume_ml"]) <= largest]
+        for i in set(alive) - set(judged):
+            features[i][f"{stage['name']}_not_judged"] = f"a mass over the {largest:g} mm it was trained on"
         if not judged:
             continue
         missing = [i for i in judged if i not in patches]

@@ -227,23 +227,26 @@ def test_stages_run_in_order_and_the_score_is_the_last_probability(tmp_path):
     assert result.labels.max() == 2
 
 
-def test_a_learned_stage_does_not_judge_candidates_larger_than_it_was_trained_on(tmp_path):
-    """A mass longer than the stage's `max_long_axis_mm` passes it unjudged (noted), however it would score."""
+def test_a_learned_stage_does_not_judge_masses_larger_than_it_was_trained_on(tmp_path):
+    """A mass whose volume's sphere is wider than the stage's `max_equivalent_diameter_mm` passes it unjudged
+    (noted), however it would score; a smaller one, and a long thin one, are judged."""
     hu, labels = _lung(), np.zeros(SHAPE, np.int32)
     lungs = np.zeros(SHAPE, bool)
     lungs[:, 5:95, 5:95] = True
-    for centre, radius in {(16, 25, 25): 6.0, (16, 60, 60): 14.0}.items():  # 12 and 28 mm
-        ball = _ball(centre, radius)
-        hu[ball], labels[ball] = 30.0, 1
+    sliver = np.zeros(SHAPE, bool)
+    sliver[14:18, 85:88, 10:90] = True  # 64 mm long, 10 x 2.4 mm across: a sphere of its volume is 12 mm wide
+    for shape in (_ball((16, 25, 25), 6.0), _ball((16, 55, 60), 14.0), sliver):  # 12, 28 and 64 mm long
+        hu[shape], labels[shape] = 30.0, 1
     candidates = extract_candidates(labels.astype(np.float32), 0.5, SPACING)
     never = ({"order": 2, "name": "cnn", "type": "torchscript", "file": "cnn.ts", "input": "patches",
-              "threshold": 0.99, "max_long_axis_mm": 20.0}, _MaskShare())  # no mask fills 99 % of a patch
-    cascade = _save_stages(tmp_path, [(FEATURE_STAGE, None), never])
+              "threshold": 0.99, "max_equivalent_diameter_mm": 20.0}, _MaskShare())  # no mask fills 99 % of a patch
+    stage1 = shipped_feature_stage(min_long_axis_mm=10.0, max_elongation=100.0)
+    cascade = _save_stages(tmp_path, [(stage1, None), never])
     result = filter_candidates(candidates, hu, SPACING, ThoraxCrop((slice(None),) * 3, hu > -500, lungs, 0.0), cascade)
-    small, large = sorted(result.features, key=lambda f: f["long_axis_mm"])
-    assert small["dropped_by"].startswith("cnn: probability")
-    assert "dropped_by" not in large and "cnn_probability" not in large
-    assert large["cnn_not_judged"] == "long axis over the 20 mm it was trained on"
+    small, mass, thin = sorted(result.features, key=lambda f: f["long_axis_mm"])
+    assert small["dropped_by"].startswith("cnn: probability") and thin["dropped_by"].startswith("cnn: probability")
+    assert "dropped_by" not in mass and "cnn_probability" not in mass
+    assert mass["cnn_not_judged"] == "a mass over the 20 mm it was trained on"
     assert result.labels.max() == 1 and result.scores == [pytest.approx(1.0)]
 
 

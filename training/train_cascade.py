@@ -20,7 +20,8 @@ Both use class-balanced BCE (positive weight = false / true). The CNN stage is t
 one network per seed (`--seeds`), each trained for `--epochs` with a cosine learning-rate decay and
 taken at its last epoch: validation never picks weights, it only sets thresholds. Each stage's
 threshold is the highest that keeps >= `retention` of the true validation candidates reaching it, and
-its `max_long_axis_mm` the longest true training candidate (longer ones pass it unjudged in the app).
+its `max_equivalent_diameter_mm` that of the largest true training candidate (larger masses pass it
+unjudged in the app).
 Writes OUT/<stage>.ts (TorchScript, probability [N]) and OUT/model.json (stages, thresholds, the
 training record).
 """
@@ -38,7 +39,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from operators.cascade_fp import cell_centres, run_stages
+from operators.cascade_fp import cell_centres, equivalent_diameter_mm, run_stages
 
 # + every hessian_* measure of the patch spec; not the network's probabilities, which differ between the
 # mining networks and are below the operating threshold for every near miss by construction
@@ -306,9 +307,9 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
             stage = {"input": "patches"}
         threshold = threshold_for_retention(val_p[val_y == 1], retention)
         export_stage(model, example, out / f"{name}.ts")
-        largest = max(train["features"][i]["long_axis_mm"] for i, label in zip(index, y) if label == 1)
+        largest = max(equivalent_diameter_mm(train["features"][i]["volume_ml"]) for i, label in zip(index, y) if label)
         stage = {"order": next_order, "name": name, "type": "torchscript", "file": f"{name}.ts", **stage,
-                 "threshold": threshold, "max_long_axis_mm": round(float(largest), 1)}
+                 "threshold": threshold, "max_equivalent_diameter_mm": round(largest, 1)}
         next_order += 1
         stages.append({**stage, "module": torch.jit.load(str(out / f"{name}.ts"))})
         kept_true, kept_false = (val_p[val_y == 1] >= threshold).mean(), (val_p[val_y == 0] >= threshold).mean()
