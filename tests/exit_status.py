@@ -31,8 +31,9 @@ def _refusals() -> tuple[list[str], list[str]]:
 
 
 def status_table() -> dict[str, str]:
-    """Exit status -> the stderr column of its row(s), from the README's table."""
-    rows = re.findall(r"^\| ([0-9, ]+) \| .+ \| (.+) \|$", README, re.MULTILINE)
+    """Exit status -> the stderr column of its row(s), from the README's table of the app (`python app`)."""
+    section = README[README.index("Exit status and messages:"):README.index("Every refusal (status 2)")]
+    rows = re.findall(r"^\| ([0-9, ]+) \| .+ \| (.+) \|$", section, re.MULTILINE)
     table: dict[str, str] = {}
     for statuses, stderr in rows:
         for status in statuses.split(", "):
