@@ -10,7 +10,7 @@ The margin keeps lesions that push the lung boundary inwards: juxtapleural (ches
 mediastinal lesions, and apical or basal lesions beyond the aerated lung.
 
 Lungs are the air that the body encloses, and also, where a field of view narrower than the chest
-(cardiac or targeted reconstructions, about 180 mm and up on real-train cases cut down) cuts them open
+(cardiac or targeted reconstructions; checked on real-train scans cut to 153-347 mm) cuts them open
 at the image edge or the reconstruction circle, the air that touches that edge and looks like lung
 (median above CUT_LUNG_MEDIAN_HU, partly inside the body's convex outline), unlike the plain air
 around the body.
