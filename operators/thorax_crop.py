@@ -136,10 +136,11 @@ def _coarse_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, tupl
     edge[[0, -1], :] = edge[:, [0, -1]] = True
     open_air = (small < LUNG_HU) & ~lungs & ~never
     labels, large = _components(open_air, voxel_ml, MIN_CUT_LUNG_ML)
-    touching = np.unique(labels[:, edge])
-    cut = [k for k in large if k in touching and np.median(small[labels == k]) > CUT_LUNG_MEDIAN_HU
-           and outline[labels == k].mean() >= CUT_LUNG_IN_OUTLINE]
-    lungs |= np.isin(labels, cut)
+    touching = np.intersect1d(large, labels[:, edge])
+    if len(touching):
+        medians = np.asarray(ndimage.median(small, labels, touching))
+        inside = np.asarray(ndimage.mean(outline, labels, touching))
+        lungs |= np.isin(labels, touching[(medians > CUT_LUNG_MEDIAN_HU) & (inside >= CUT_LUNG_IN_OUTLINE)])
     return body | lungs, lungs, strides
 
 

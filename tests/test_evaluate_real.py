@@ -18,16 +18,18 @@ def test_a_missed_lesion_names_the_step_that_lost_it():
     lesion = np.zeros(hu.shape, bool)
     z, y, x = (s.start + (s.stop - s.start) // 2 for s in thorax.box)
     lesion[z - 2:z + 2, y - 8:y + 8, x - 8:x + 8] = True
-    candidates = np.zeros(hu.shape, np.int32)
-    features = [{"dropped_by": "measured_features: size"}]
-    assert _lost_at(lesion, thorax, candidates, features, boxes_only=False) == "segmentation"
-    candidates[lesion] = 1
-    assert _lost_at(lesion, thorax, candidates, features, boxes_only=False) == "cascade measured_features: size"
-    assert _lost_at(lesion, None, candidates, features, boxes_only=False) == "thorax box (no thorax found)"
+    elsewhere = [{"dropped_by": "measured_features: size", "truth_lesion": 2, "truth_dice": 0.8, "detects": True}]
+    assert _lost_at(1, lesion, thorax, elsewhere) == "segmentation"
+    touching = [{"dropped_by": "measured_features: size", "truth_lesion": 1, "truth_dice": 0.05, "detects": False}]
+    assert _lost_at(1, lesion, thorax, touching) == "segmentation"
+    detecting = touching + [{"dropped_by": "measured_features: size", "truth_lesion": 1, "truth_dice": 0.6,
+                             "detects": True}]
+    assert _lost_at(1, lesion, thorax, detecting) == "cascade measured_features: size"
+    assert _lost_at(1, lesion, None, detecting) == "thorax box (no thorax found)"
     outside = np.zeros(hu.shape, bool)
     outside[z, :thorax.box[1].start, :] = True
     if outside.any():
-        assert _lost_at(outside, thorax, candidates, features, boxes_only=False) == "thorax box"
+        assert _lost_at(1, outside, thorax, detecting) == "thorax box"
 
 
 def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_path):

@@ -37,6 +37,7 @@ from operators.lesion_segmentation import extract_candidates, load_model_config,
 from operators.measurements import axial_diameters, lesion_location
 from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.metrics import evaluate_case, summarize
+from training.mine_candidates import match_candidates
 from training.nifti import read_nifti
 from training.real_cases import real_case_arrays
 
@@ -105,7 +106,7 @@ def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache
     name, hu, truth, spacing, truth_doc = load_case(path)
     partial, boxes_only = bool(truth_doc.get("partial_truth")), bool(truth_doc.get("boxes_only"))
     prediction = np.zeros(hu.shape, np.int32)
-    scores, candidates_full, features = {}, None, []
+    scores, features = {}, []
     network_max = np.zeros(hu.shape, np.float32)
     try:
         thorax = crop_thorax(hu, spacing)
@@ -118,9 +119,10 @@ def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache
         result = filter_candidates(candidates, hu[thorax.box], spacing, thorax, cascade)
         prediction[thorax.box] = result.labels
         scores = {k: s for k, s in enumerate(result.scores, 1)}
-        features = result.features
-        candidates_full = np.zeros(hu.shape, np.int32)
-        candidates_full[thorax.box] = candidates.labels
+        detects, dice, lesion = match_candidates(candidates.labels, truth[thorax.box], np.bincount(truth.ravel()),
+                                                 candidates.count, boxes_only)
+        features = [{**f, "truth_lesion": int(j), "truth_dice": float(d), "detects": bool(t == 1)}
+                    for f, t, d, j in zip(result.features, detects, dice, lesion)]
     metrics = evaluate_case(prediction, truth, spacing, scores, boxes_only=boxes_only, name=name)
     kinds = {lesion["id"]: lesion.get("kind") or ", ".join(lesion.get("histology", [])) or None
              for lesion in truth_doc.get("lesions", [])}
@@ -132,7 +134,7 @@ def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache
                  "dice": None if lesion.dice is None else round(lesion.dice, 3),
                  "network_max_probability": round(float(network_max[mask].max()), 3)}
         if not lesion.detected:
-            entry["lost_at"] = _lost_at(mask, thorax, candidates_full, features, boxes_only)
+            entry["lost_at"] = _lost_at(lesion.label, mask, thorax, features)
         lesions.append(entry)
     instances = []
     lungs = np.zeros(hu.shape, bool)
@@ -151,40 +153,24 @@ def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache
                           "place": _place(centroid, np.asarray(spacing), lungs)})
     return {"case": name, "partial_truth": partial, "boxes_only": boxes_only, "no_thorax": thorax is None,
             "shape": list(hu.shape), "spacing_mm": [round(float(s), 3) for s in spacing],
-            "lesions": lesions, "false_lesions": instances, "candidates": _matched(candidates_full, truth, features),
+            "lesions": lesions, "false_lesions": instances, "candidates": features,
             "metrics": metrics,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _lost_at(mask: np.ndarray, thorax, candidates: np.ndarray, features: list[dict], boxes_only: bool) -> str:
-    """The step that lost a missed truth lesion (see the module notes)."""
+def _lost_at(lesion: int, mask: np.ndarray, thorax, features: list[dict]) -> str:
+    """The step that lost missed truth lesion `lesion` (see the module notes); `features` are the candidates'
+    with the lesion each matches best ("truth_lesion") and whether it detects it ("detects", "truth_dice")."""
     if thorax is None:
         return "thorax box (no thorax found)"
     inside = np.zeros(mask.shape, bool)
     inside[thorax.box] = True
     if inside[mask].mean() < 0.5:
         return "thorax box"
-    labels, overlap = np.unique(candidates[mask & (candidates > 0)], return_counts=True)
-    sizes = np.bincount(candidates.ravel())
-    dice = 2 * overlap / (sizes[labels] + mask.sum())
-    best = [(d, k) for d, k in zip(dice, labels) if boxes_only or d >= 0.1]
-    if not best:
+    detecting = [f for f in features if f["truth_lesion"] == lesion and f["detects"]]
+    if not detecting:
         return "segmentation"
-    return "cascade " + features[max(best)[1] - 1].get("dropped_by", "?")
-
-
-def _matched(candidates: np.ndarray | None, truth: np.ndarray, features: list[dict]) -> list[dict]:
-    """Every candidate's features with the truth lesion it overlaps most ("truth_lesion", 0 for none)."""
-    if candidates is None:
-        return []
-    both = (candidates > 0) & (truth > 0)
-    pairs, overlap = np.unique(candidates[both].astype(np.int64) * 65536 + truth[both], return_counts=True)
-    best = {}
-    for pair, count in zip(pairs, overlap):
-        k, lesion = divmod(int(pair), 65536)
-        if count > best.get(k, (0, 0))[0]:
-            best[k] = (count, lesion)
-    return [{**f, "truth_lesion": best.get(k, (0, 0))[1]} for k, f in enumerate(features, 1)]
+    return "cascade " + max(detecting, key=lambda f: f["truth_dice"]).get("dropped_by", "?")
 
 
 def summarize_set(cases: list[dict]) -> dict:
