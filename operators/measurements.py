@@ -43,7 +43,7 @@ class AxialDiameters:
 def label_instances(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """26-connected components of a binary mask: (int32 labels, count)."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    return labels.astype(np.int32), int(count)
+    return labels.astype(np.int32, copy=False), int(count)
 
 
 def _hull_points(points_mm: np.ndarray) -> np.ndarray:

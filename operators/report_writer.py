@@ -108,7 +108,7 @@ def write_reports(source_datasets: Sequence[Dataset], hu: np.ndarray, instance_l
     if png:
         for name, figure in figures:
             path = out_dir / f"{PNG_PREFIX}{name}.png"
-            write_atomically(path, lambda p: figure.savefig(p, format="png"))  # noqa: B023 (called at once)
+            write_atomically(path, lambda p: figure.savefig(p, format="png", pil_kwargs={"compress_level": 1}))  # noqa: B023
             written.append(path)
     pdf_path, dicom_path = out_dir / PDF_FILE, out_dir / PDF_DICOM_FILE
     if pdf:

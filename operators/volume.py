@@ -1,7 +1,8 @@
 """What the operators pass along: the CT volume, the "study cannot be analysed" error, timing, slice geometry.
 
 CTVolume follows docs/ARCHITECTURE.md: HU float32 [z, y, x], spacing (z, y, x) mm, slices sorted
-ascending along the slice normal, the pydicom datasets in that z order, and the affine that maps a
+ascending along the slice normal, the pydicom datasets in that z order (headers only: CTVolumeOperator drops
+their pixel data once they are in `hu`), and the affine that maps a
 voxel index (z, y, x, 1) to DICOM patient coordinates (LPS, mm).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,13 +42,14 @@ class CTVolume:
 
 
 def timed_compute(compute):
-    """Decorator for Operator.compute: log the operator's wall time."""
+    """Decorator for Operator.compute: log the operator's wall time and the process's peak RSS so far."""
 
     @functools.wraps(compute)
     def wrapper(self, op_input, op_output, context):
         start = time.perf_counter()
         compute(self, op_input, op_output, context)
-        log.info("%s: %.2f s", self.name, time.perf_counter() - start)
+        log.info("%s: %.2f s (peak RSS so far %d MiB)", self.name, time.perf_counter() - start,
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
     return wrapper
 

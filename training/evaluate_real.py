@@ -33,7 +33,7 @@ import torch
 from scipy import ndimage
 
 from operators.cascade_fp import filter_candidates, load_cascade
-from operators.lesion_segmentation import extract_candidates, load_model_config, predict_lesion_probability
+from operators.lesion_segmentation import extract_candidates, frozen, load_model_config, predict_lesion_probability
 from operators.measurements import axial_diameters, lesion_location
 from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.metrics import evaluate_case, summarize
@@ -44,10 +44,18 @@ from training.real_cases import real_case_arrays
 REPO = Path(__file__).resolve().parents[1]
 
 
-def network_key(seg_dir: Path) -> str:
+def network_config(seg_dir: Path, precision: str | None = None) -> dict:
+    """The network's model.json; with `precision` (e.g. "float32") that precision on every device."""
+    config = load_model_config(seg_dir)
+    if precision:
+        config["precision"] = {"cpu": precision, "cuda": precision}
+    return config
+
+
+def network_key(seg_dir: Path, config: dict) -> str:
     """Identifies a network and its inference settings (the cache key of its probabilities)."""
-    digest = hashlib.sha1((seg_dir / "model.json").read_bytes())
-    digest.update((seg_dir / load_model_config(seg_dir).get("file", "model.ts")).read_bytes())
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
+    digest.update((seg_dir / config.get("file", "model.ts")).read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -217,11 +225,14 @@ def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict]) -> st
     return "\n".join(lines) + "\n"
 
 
-def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: Path, cache: Path, log=print) -> dict:
-    seg_config = load_model_config(seg_dir)
-    model = torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts")), map_location="cpu").eval()
+def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: Path, cache: Path, log=print,
+                  precision: str | None = None) -> dict:
+    """Every case of `sets` (name: folder), reports written into `out`; returns each set's summary.
+    `precision` overrides model.json's (the network's probabilities are cached in cache/<network_key>)."""
+    seg_config = network_config(seg_dir, precision)
+    model = frozen(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts")), map_location="cpu"))
     cascade = load_cascade(cascade_dir)
-    cache = cache / network_key(seg_dir)
+    cache = cache / network_key(seg_dir, seg_config)
     folders = {name: list_cases(folder) for name, folder in sets.items()}
     total, done, start = sum(map(len, folders.values())), 0, time.perf_counter()
     results = {}
@@ -256,10 +267,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "probability_cache",
                         help="the network's probabilities per case, kept between runs")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
+                        help="the network's precision on every device (default: its model.json's)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    evaluate_sets({name: Path(folder) for name, folder in args.set}, args.seg_model, args.cascade, args.out, args.cache)
+    evaluate_sets({name: Path(folder) for name, folder in args.set}, args.seg_model, args.cascade, args.out, args.cache,
+                  precision=args.precision)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""Inference settings and limits: the network's precision per device, the frozen network, the memory check, and the
+speed benchmark's own run (training.benchmark)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from operators.lesion_segmentation import frozen, inference_precision, load_model_config, predict_lesion_probability
+from operators.series_selection import available_memory, check_memory
+from operators.volume import StudyError
+from tests.conftest import REPO
+from tests.exit_status import assert_documented_refusal
+from training.benchmark import format_tables, speed
+
+SHIPPED = REPO / "models" / "lesion_seg"
+BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_precision_follows_model_json_and_the_device():
+    assert inference_precision({}, "cpu") is None
+    assert inference_precision({"precision": {"cpu": "float32"}}, "cpu") is None
+    assert inference_precision({"precision": {"cpu": "bfloat16"}}, "cpu") is (torch.bfloat16 if BF16_CPU else None)
+    assert inference_precision({"precision": {"cpu": "bfloat16", "cuda": "float16"}}, "cuda") is torch.float16
+
+
+def _chest_block() -> np.ndarray:
+    """Lung (-850 HU) around a 20 mm soft-tissue ball, one window of the shipped network at 2 x 1.5 x 1.5 mm."""
+    z, y, x = np.ogrid[:64, :96, :96]
+    hu = np.full((64, 96, 96), -850.0, np.float32)
+    hu[(z - 32) ** 2 * 4 + (y - 48) ** 2 * 2.25 + (x - 48) ** 2 * 2.25 < 100] = 30.0
+    return hu + np.random.default_rng(0).normal(0, 20, hu.shape).astype(np.float32)
+
+
+def test_frozen_network_and_shipped_precision_keep_the_probabilities():
+    config = load_model_config(SHIPPED)
+    spacing = (2.0, 1.5, 1.5)
+    network = torch.jit.load(str(SHIPPED / config["file"])).eval()
+    float32 = {**config, "precision": {}}
+    reference = predict_lesion_probability(_chest_block(), spacing, network, float32)
+    assert np.array_equal(predict_lesion_probability(_chest_block(), spacing, frozen(network), float32), reference)
+    shipped = predict_lesion_probability(_chest_block(), spacing, frozen(network), config)
+    assert np.abs(shipped - reference).max() < 0.1  # 0.04 on a 300-slice study (models/lesion_seg/README.md)
+    threshold = config["probability_threshold"]
+    assert np.mean((shipped >= threshold) != (reference >= threshold)) < 1e-3
+
+
+def test_a_series_too_large_for_the_memory_is_refused():
+    check_memory(300, 512, 512, available=3 * 2**30)  # the 300-slice speed target fits the 3 GB it is given
+    with pytest.raises(StudyError) as refusal:
+        check_memory(900, 512, 512, available=4 * 2**30)
+    assert_documented_refusal(str(refusal.value))
+    assert available_memory() > 2**30
+
+
+def test_benchmark_times_the_app_and_the_stock_path(phantom_study, tmp_path):
+    result = speed(phantom_study[0], 1, tmp_path, log=lambda *args, **kwargs: None)
+    assert {"lesion_segmentation", "cascade_fp", "seg_writer"} <= set(result["operators_s"])
+    assert 0 < result["app"]["startup_s"] < result["app"]["wall_s"] and result["stock"]["wall_s"] > 0
+    assert result["stock_over_app"] == pytest.approx(result["stock"]["wall_s"] / result["app"]["wall_s"])
+    tables = format_tables({"study": "phantom", "speed": result})
+    assert "stock / app" in tables and json.dumps(result)
