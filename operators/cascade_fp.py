@@ -47,7 +47,7 @@ from scipy import ndimage
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from operators.lesion_segmentation import Candidates
-from operators.measurements import axial_diameters
+from operators.measurements import axial_diameters, relabel
 from operators.thorax_crop import ThoraxCrop
 from operators.volume import CTVolume, timed_compute
 
@@ -273,7 +273,7 @@ def filter_candidates(candidates: Candidates, hu: np.ndarray, spacing, thorax: T
     kept = [k for k, feature in enumerate(features, start=1) if "dropped_by" not in feature]
     renumber = np.zeros(candidates.count + 1, np.int32)
     renumber[kept] = np.arange(1, len(kept) + 1)
-    return CascadeResult(renumber[candidates.labels], [float(scores[k - 1]) for k in kept], features)
+    return CascadeResult(relabel(candidates.labels, renumber), [float(scores[k - 1]) for k in kept], features)
 
 
 def load_cascade(model_dir: Path) -> dict:
@@ -314,7 +314,7 @@ class CascadeFPOperator(Operator):
                 f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in feature.items()))
         log.info("%d of %d candidates kept", len(result.scores), candidates.count)
         labels = np.zeros(volume.hu.shape, np.int32)
-        labels[thorax.box] = result.labels
+        np.copyto(labels[thorax.box], result.labels, where=result.labels > 0)  # writes the lesions' voxels only
         op_output.emit(volume.source_datasets, "source_datasets")
         op_output.emit(volume.hu, "hu")
         op_output.emit(volume.spacing, "spacing")

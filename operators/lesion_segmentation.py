@@ -5,8 +5,8 @@ Plain functions, free of app state (training/evaluate imports them):
   grid, following models/lesion_seg/model.json (docs/ARCHITECTURE.md): resample to `spacing_mm`,
   clip to `intensity_window_hu` and scale to [0, 1], sliding window over `patch_size` with `overlap`
   in the device's `precision`, softmax channel 1, trilinear back to the input grid.
-- `inference_precision(config, device)`: the reduced precision the network runs in on this device, if any.
-- `frozen(module)`: a TorchScript network frozen for inference (same results, faster).
+- `inference_precision(config, device)`: the precision the network runs in on this device.
+- `prepared_network(module, device)`: the TorchScript network on the device, frozen for inference.
 - `extract_candidates(probability, threshold, spacing)`: 26-connected instances above the
   threshold with each one's maximum and mean probability.
 
@@ -55,30 +55,31 @@ def _resize(volume: torch.Tensor, shape) -> torch.Tensor:
                                            align_corners=False)
 
 
-def inference_precision(config: dict, device) -> torch.dtype | None:
-    """The reduced precision (autocast dtype) of model.json's `precision` for this device type, or None for
-    float32: where none is given, and for bfloat16 on a CPU without native bfloat16 (emulated, it is slower)."""
+def inference_precision(config: dict, device) -> torch.dtype:
+    """The precision of model.json's `precision` for this device type: float32 where none is given, and for
+    bfloat16 on a CPU without native bfloat16 (emulated, it is slower)."""
     kind = torch.device(device).type
     name = config.get("precision", {}).get(kind, "float32")
-    if name == "float32" or (kind == "cpu" and name == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return None
+    if kind == "cpu" and name == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
     return getattr(torch, name)
 
 
-def frozen(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """The network frozen for inference (weights inlined as constants): the same float32 results, and under
-    bfloat16 about a quarter faster on a CPU (models/lesion_seg/README.md)."""
-    return torch.jit.freeze(module.eval())
+def prepared_network(module: torch.jit.ScriptModule, device) -> torch.jit.ScriptModule:
+    """The network on `device`, frozen for inference (weights inlined as constants): the same float32 results,
+    and about a quarter faster under bfloat16 autocast on a CPU (models/lesion_seg/README.md)."""
+    return torch.jit.freeze(module.to(device).eval())
 
 
 def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, device="cpu") -> np.ndarray:
-    """Lesion probability (float32, the shape of `hu`) from a network with 2 output channels."""
+    """Lesion probability (float32, the shape of `hu`) from a network with 2 output channels, run under autocast in
+    its `inference_precision`."""
     work_shape = np.maximum(np.round(np.asarray(hu.shape) * np.asarray(spacing) / config["spacing_mm"]), 1)
     low, high = config["intensity_window_hu"]
     precision = inference_precision(config, device)
 
     def network(window: torch.Tensor) -> torch.Tensor:  # windows are blended in float32
-        with torch.autocast(torch.device(device).type, dtype=precision, enabled=precision is not None):
+        with torch.autocast(torch.device(device).type, dtype=precision, enabled=precision != torch.float32):
             return model(window).float()
 
     with torch.inference_mode():
@@ -93,20 +94,23 @@ def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, dev
 def extract_candidates(probability: np.ndarray, threshold: float, spacing,
                        min_volume_mm3: float = MIN_CANDIDATE_MM3) -> Candidates:
     """Instances of `probability >= threshold`, specks under `min_volume_mm3` dropped, numbered 1..n."""
-    labels, count = label_instances(probability >= threshold)
-    inside = np.flatnonzero(labels)  # instance statistics over these voxels only, not whole volumes per label
-    ids, values = labels.ravel()[inside], probability.ravel()[inside]
+    mask = probability >= threshold
+    corners = np.unravel_index(np.flatnonzero(mask), mask.shape)  # labelled within the mask's bounding box only
+    box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in corners) if len(corners[0]) else (slice(0, 0),) * 3
+    labels, count = label_instances(mask[box])
+    inside = labels > 0  # instance statistics over these voxels only, not whole volumes per label
+    ids, values = labels[inside], probability[box][inside]
     voxels = np.bincount(ids, minlength=count + 1)
     kept = np.flatnonzero(voxels[1:] * float(np.prod(spacing)) >= min_volume_mm3) + 1
     renumber = np.zeros(count + 1, np.int32)
     renumber[kept] = np.arange(1, len(kept) + 1)
-    for plane in labels:  # in place, slice by slice: no second volume of labels
-        plane[...] = renumber[plane]
     maximum = np.zeros(count + 1, np.float32)
     np.maximum.at(maximum, ids, values)
     total = np.bincount(ids, weights=values, minlength=count + 1)
+    instances = np.zeros(probability.shape, np.int32)
+    instances[box][inside] = renumber[ids]  # written at the instances' voxels only: untouched zero pages cost nothing
     return Candidates(
-        labels=labels,
+        labels=instances,
         max_probability=maximum[kept],
         mean_probability=(total[kept] / voxels[kept]).astype(np.float32),
     )
@@ -127,7 +131,7 @@ class LesionSegmentationOperator(Operator):
         model = ModelFactory.create(model_dir / self.config.get("file", "model.ts"), model_name)
         if model is None:
             raise FileNotFoundError(f"no TorchScript model {model_name!r} in {model_dir}")
-        self.network = frozen(model.predictor)
+        self.network = prepared_network(model.predictor, self.device)
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
@@ -144,7 +148,7 @@ class LesionSegmentationOperator(Operator):
                                                  self.config, self.device)
         candidates = extract_candidates(probability, self.config["probability_threshold"], volume.spacing)
         log.info("%d candidates on %s in %s (%s)", candidates.count, self.device,
-                 inference_precision(self.config, self.device) or torch.float32, self.config.get("name", "model"))
+                 inference_precision(self.config, self.device), self.config.get("name", "model"))
         if self.device == "cuda":
             log.info("peak GPU memory %d MiB", torch.cuda.max_memory_allocated() // 2**20)
         op_output.emit(volume, "volume")

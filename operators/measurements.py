@@ -46,6 +46,15 @@ def label_instances(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(count)
 
 
+def relabel(labels: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """`mapping[labels]` (int32; 0 must map to 0), computed and written at the labelled voxels only: instances are
+    sparse, and the untouched zero pages of a large result cost neither time nor memory."""
+    result = np.zeros(labels.shape, np.int32)
+    where = np.flatnonzero(labels)
+    result.flat[where] = mapping[labels.flat[where]]
+    return result
+
+
 def _hull_points(points_mm: np.ndarray) -> np.ndarray:
     """Vertices of the 2D convex hull (all points when they are too few or collinear)."""
     if len(points_mm) < 4:

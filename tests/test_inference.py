@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from operators.lesion_segmentation import frozen, inference_precision, load_model_config, predict_lesion_probability
+from operators.lesion_segmentation import (inference_precision, load_model_config, predict_lesion_probability,
+                                          prepared_network)
 from operators.series_selection import available_memory, check_memory
 from operators.volume import StudyError
 from tests.conftest import REPO
@@ -19,9 +20,9 @@ BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_precision_follows_model_json_and_the_device():
-    assert inference_precision({}, "cpu") is None
-    assert inference_precision({"precision": {"cpu": "float32"}}, "cpu") is None
-    assert inference_precision({"precision": {"cpu": "bfloat16"}}, "cpu") is (torch.bfloat16 if BF16_CPU else None)
+    assert inference_precision({}, "cpu") is torch.float32
+    assert inference_precision({"precision": {"cpu": "float32"}}, "cpu") is torch.float32
+    assert inference_precision({"precision": {"cpu": "bfloat16"}}, "cpu") is (torch.bfloat16 if BF16_CPU else torch.float32)
     assert inference_precision({"precision": {"cpu": "bfloat16", "cuda": "float16"}}, "cuda") is torch.float16
 
 
@@ -39,8 +40,9 @@ def test_frozen_network_and_shipped_precision_keep_the_probabilities():
     network = torch.jit.load(str(SHIPPED / config["file"])).eval()
     float32 = {**config, "precision": {}}
     reference = predict_lesion_probability(_chest_block(), spacing, network, float32)
-    assert np.array_equal(predict_lesion_probability(_chest_block(), spacing, frozen(network), float32), reference)
-    shipped = predict_lesion_probability(_chest_block(), spacing, frozen(network), config)
+    prepared = prepared_network(network, "cpu")
+    assert np.array_equal(predict_lesion_probability(_chest_block(), spacing, prepared, float32), reference)
+    shipped = predict_lesion_probability(_chest_block(), spacing, prepared, config)
     assert np.abs(shipped - reference).max() < 0.1  # 0.04 on a 300-slice study (models/lesion_seg/README.md)
     threshold = config["probability_threshold"]
     assert np.mean((shipped >= threshold) != (reference >= threshold)) < 1e-3

@@ -157,10 +157,14 @@ def accuracy(sets: dict[str, Path], out: Path, log=print) -> dict:
                 first, second = (np.load(path)["probability"].astype(np.float32) for path in stored)
                 largest = max(largest, float(np.abs(first - second).max()))
         result[name] = {label: {key: summaries[label][name].get(key) for key in
-                                ("detected", "measurable_lesions", "false_positives", "fp_per_scan",
+                                ("detected", "measurable_lesions", "lesion_dice_mean", "false_positives",
                                  "unlabelled_findings_per_scan")} for label in variants}
         result[name].update(moved=moved, largest_probability_difference=largest)
     return result
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def format_tables(result: dict) -> str:
@@ -178,12 +182,13 @@ def format_tables(result: dict) -> str:
                   ""]
     if "accuracy" in result:
         lines += ["## Accuracy: network in float32 -> as shipped", "",
-                  "| set | found | false lesions | largest probability difference | cases that moved |",
-                  "|---|---|---|---|---|"]
+                  "| set | found | lesion Dice | false lesions | largest probability difference | cases that moved |",
+                  "|---|---|---|---|---|---|"]
         for name, a in result["accuracy"].items():
             before, after = a["float32"], a["shipped"]
             false = "false_positives" if before["false_positives"] is not None else "unlabelled_findings_per_scan"
             lines.append(f"| {name} | {before['detected']} -> {after['detected']} of {before['measurable_lesions']} | "
+                         f"{_number(before['lesion_dice_mean'])} -> {_number(after['lesion_dice_mean'])} | "
                          f"{before[false]} -> {after[false]} | {a['largest_probability_difference']:.4f} | "
                          f"{'; '.join(a['moved']) or 'none'} |")
     return "\n".join(lines) + "\n"

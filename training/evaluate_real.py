@@ -33,7 +33,8 @@ import torch
 from scipy import ndimage
 
 from operators.cascade_fp import filter_candidates, load_cascade
-from operators.lesion_segmentation import extract_candidates, frozen, load_model_config, predict_lesion_probability
+from operators.lesion_segmentation import (extract_candidates, load_model_config, predict_lesion_probability,
+                                          prepared_network)
 from operators.measurements import axial_diameters, lesion_location
 from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.metrics import evaluate_case, summarize
@@ -230,7 +231,7 @@ def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: 
     """Every case of `sets` (name: folder), reports written into `out`; returns each set's summary.
     `precision` overrides model.json's (the network's probabilities are cached in cache/<network_key>)."""
     seg_config = network_config(seg_dir, precision)
-    model = frozen(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts")), map_location="cpu"))
+    model = prepared_network(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts"))), "cpu")
     cascade = load_cascade(cascade_dir)
     cache = cache / network_key(seg_dir, seg_config)
     folders = {name: list_cases(folder) for name, folder in sets.items()}

@@ -42,7 +42,8 @@ import torch
 from scipy import ndimage
 
 from operators.cascade_fp import thorax_region, candidate_features, hessian_features, multiscale_patches
-from operators.lesion_segmentation import Candidates, extract_candidates, load_model_config, predict_lesion_probability
+from operators.lesion_segmentation import (Candidates, extract_candidates, load_model_config, predict_lesion_probability,
+                                          prepared_network)
 from operators.measurements import axial_diameters
 from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.metrics import DETECTION_DICE
@@ -182,8 +183,8 @@ _WORKER = {}
 
 def _init_worker(seg_dir: str, threads: int) -> None:
     torch.set_num_threads(threads)
-    _WORKER["model"] = torch.jit.load(str(Path(seg_dir) / "model.ts"), map_location="cpu").eval()
     _WORKER["config"] = load_model_config(Path(seg_dir))
+    _WORKER["model"] = prepared_network(torch.jit.load(str(Path(seg_dir) / "model.ts")), "cpu")
 
 
 def _run(job: tuple) -> str:

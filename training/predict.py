@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from operators.lesion_segmentation import extract_candidates, load_model_config, predict_lesion_probability
+from operators.lesion_segmentation import (extract_candidates, load_model_config, predict_lesion_probability,
+                                          prepared_network)
 from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.nifti import read_nifti, write_nifti_like
 
@@ -42,7 +43,7 @@ def predict_case(hu: np.ndarray, spacing, model, config: dict) -> tuple[np.ndarr
 
 def predict_folder(images: Path, model_dir: Path, out: Path) -> None:
     config = load_model_config(model_dir)
-    model = torch.jit.load(str(model_dir / config.get("file", "model.ts")), map_location="cpu").eval()
+    model = prepared_network(torch.jit.load(str(model_dir / config.get("file", "model.ts"))), "cpu")
     out.mkdir(parents=True, exist_ok=True)
     paths = sorted(images.glob("*" + SUFFIX))
     start = time.perf_counter()
