@@ -64,10 +64,10 @@ NO_MARKER = "no DICOM marker"
 IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 GEOMETRY_VALUES = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0: the end of encapsulated pixel data
-# The analysis' peak RSS: a base plus bytes per voxel of the series, fitted to the app's peaks on 512 x 512 studies of
-# 300 x 1 mm (1.76 GiB) and 900 x 0.5 mm (4.48 GiB) (README "Resources"), rounded up by about 5 %.
-MEMORY_BASE_BYTES = 512 * 2**20
-MEMORY_BYTES_PER_VOXEL = 18.5
+# The analysis' peak RSS: a base plus bytes per voxel of the series, a line through the app's peaks on 512 x 512 studies
+# of 300 x 1 mm (1848 MiB) and 900 x 0.5 mm (3261 MiB) (README "Resources"), rounded up by about 5 %.
+MEMORY_BASE_BYTES = 1200 * 2**20
+MEMORY_BYTES_PER_VOXEL = 10.0
 CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
 
 
