@@ -56,7 +56,8 @@ def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_pat
     assert "## Lesions" in (out / "report.md").read_text()
     rows = list(case["ablation"].values())  # segmentation alone, then each stage added: the last is the app
     assert rows[-1] == case["metrics"] and len(rows) == 3
-    assert [r["false_positives"] for r in rows] == sorted((r["false_positives"] for r in rows), reverse=True)
+    kept = [len(r["instances"]) for r in rows]  # each stage only drops
+    assert kept == sorted(kept, reverse=True)
     judged = [f for f in case["candidates"] if "multiscale_cnn_probability" in f]
     table = report["scores"]["phantoms"]["multiscale_cnn"]
     assert sum(r["detecting"] + r["others"] for r in table) == len(judged)

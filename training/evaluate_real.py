@@ -134,8 +134,10 @@ def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache
                                                  candidates.count, boxes_only)
         features = [{**f, "truth_lesion": int(j), "truth_dice": float(d), "detects": bool(t == 1)}
                     for f, t, d, j in zip(result.features, detects, dice, lesion)]
-    metrics = evaluate_case(prediction, truth, spacing, scores, boxes_only=boxes_only, name=name)
-    ablation = {row: ablation.get(row, metrics) for row, _ in stage_prefixes(cascade)}
+    if not ablation:  # no thorax: the app refuses the study, nothing is found
+        ablation = dict.fromkeys([row for row, _ in stage_prefixes(cascade)],
+                                 evaluate_case(prediction, truth, spacing, {}, boxes_only=boxes_only, name=name))
+    metrics = list(ablation.values())[-1]
     kinds = {lesion["id"]: lesion.get("kind") or ", ".join(lesion.get("histology", [])) or None
              for lesion in truth_doc.get("lesions", [])}
     lesions = []
