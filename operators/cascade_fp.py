@@ -14,7 +14,8 @@ probability and keeps it when the probability >= `threshold`. Its `input` is eit
 - "patches": the multiscale patches of model.json's `patches` spec, float32 [N, scales, 2, size, size, size]:
   per scale a cube of `fov_mm` centred on the candidate's centroid, resampled (trilinear) to `size`^3
   voxels; channel 0 the HU clipped to `intensity_window_hu` and scaled to [0, 1], channel 1 the
-  candidate's own mask; or
+  candidate's own mask. A candidate reaching beyond the largest cube (over `whole_candidate_fill` of
+  its side) widens every scale by the same factor, so that the stage sees it whole at any size; or
 - "features": float32 [N, F], the candidate's features named in `feature_names`.
 It returns the probability, float32 [N]. Patches and the multiscale Hessian measures (blob versus
 tube, `hessian_features`) are computed once, for the candidates that reach the first learned stage.
@@ -131,11 +132,22 @@ def cell_centres(size: int) -> np.ndarray:
     return (np.arange(size) - (size - 1) / 2) / size
 
 
+def whole_candidate_zoom(voxels: np.ndarray, spacing, largest_fov_mm: float, fill: float) -> float:
+    """How much every scale's field of view widens (1 or more) so that the largest one, centred on the
+    candidate's centroid, holds the whole candidate (voxel indices `voxels` [V, 3]) within the central
+    share `fill` of its side."""
+    reach_mm = (np.abs(voxels - voxels.mean(axis=0)).max(axis=0) + 0.5) * np.asarray(spacing, float)
+    return max(1.0, 2 * float(reach_mm.max()) / (fill * largest_fov_mm))
+
+
 def multiscale_patches(labels: np.ndarray, hu: np.ndarray, spacing, spec: dict, indices=None) -> np.ndarray:
     """Patches of candidates `indices` (0-based; all by default), float32 [N, scales, 2, size, size, size].
 
     Per scale a cube of side fov_mm centred on the candidate's centroid: channel 0 the HU clipped to
     the window and scaled to [0, 1], channel 1 the candidate's mask (instance index + 1 of `labels`).
+    With `whole_candidate_fill` in the spec, a candidate wider than that share of the largest fov_mm
+    widens every scale by the same factor (`whole_candidate_zoom`), so that the largest patch sees it whole
+    and the scales keep their ratios.
     """
     size = int(spec["size"])
     low, high = spec["intensity_window_hu"]
@@ -145,9 +157,12 @@ def multiscale_patches(labels: np.ndarray, hu: np.ndarray, spacing, spec: dict, 
     patches = np.zeros((len(indices), len(spec["fov_mm"]), 2, size, size, size), np.float32)
     for n, index in enumerate(indices):
         box = boxes[index]
-        centre = np.asarray(ndimage.center_of_mass(labels[box] == index + 1)) + [s.start for s in box]
+        voxels = np.argwhere(labels[box] == index + 1) + [s.start for s in box]
+        centre = voxels.mean(axis=0)
+        fill = spec.get("whole_candidate_fill")
+        zoom = whole_candidate_zoom(voxels, spacing, max(spec["fov_mm"]), fill) if fill else 1.0
         for s, fov in enumerate(spec["fov_mm"]):
-            axes = [c + steps * fov / d for c, d in zip(centre, spacing)]
+            axes = [c + steps * fov * zoom / d for c, d in zip(centre, spacing)]
             patches[n, s, 0] = (np.clip(_sample(hu, axes), low, high) - low) / (high - low)
             patches[n, s, 1] = _sample(labels, axes, value=index + 1)
     return patches

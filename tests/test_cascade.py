@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from operators.cascade_fp import filter_candidates, hessian_features, load_cascade, multiscale_patches, stage_probability
+from operators.cascade_fp import (filter_candidates, hessian_features, load_cascade, multiscale_patches, stage_probability,
+                                  whole_candidate_zoom)
 from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
@@ -57,6 +58,25 @@ def test_patches_are_centred_at_every_scale_also_at_the_border():
     assert patches[0, 2, 0, 12, 12, 17] > 0.7 and patches[0, 2, 1, 12, 12, 17] == 0.0
     # Beyond the volume the border continues: the slices below the near-border candidate repeat slice 0.
     assert np.allclose(patches[2, 2, 0, 0], patches[2, 2, 0, 1], atol=0.02)
+
+
+def test_a_candidate_wider_than_the_largest_patch_is_seen_whole_at_every_scale():
+    """With `whole_candidate_fill`, a 100 mm mass widens all three fields of view by one factor, so the 80 mm
+    patch holds all of it and the scales keep their ratios; a 20 mm nodule's patches do not change."""
+    spacing, shape = (2.5, 2.0, 2.0), (48, 64, 64)  # 120 x 128 x 128 mm
+    hu, labels = _lung(shape), np.zeros(shape, np.int32)
+    mass, nodule = _ball((24, 32, 32), 50.0, shape, spacing), _ball((24, 8, 8), 10.0, shape, spacing)
+    hu[mass | nodule], labels[mass], labels[nodule] = 40.0, 1, 2
+    fixed = multiscale_patches(labels, hu, spacing, SPEC)
+    whole = multiscale_patches(labels, hu, spacing, {**SPEC, "whole_candidate_fill": 1.0})
+    assert fixed[0, 2, 1][[0, -1]].max() == 1.0  # without it the mass overfills even the 80 mm patch
+    zoom = whole_candidate_zoom(np.argwhere(labels == 1), spacing, 80.0, 1.0)
+    assert 1.25 < zoom < 1.35  # (100 mm + a voxel) / 80 mm
+    largest = whole[0, 2, 1]
+    assert largest.max() == 1.0 and largest[[0, -1]].max() < 0.5 and largest[:, [0, -1]].max() < 0.5
+    assert largest.sum() * (80 * zoom / 24) ** 3 == pytest.approx(4 / 3 * np.pi * 50.0 ** 3, rel=0.15)
+    assert np.array_equal(whole[0, 0, 1], multiscale_patches(labels, hu, spacing, {**SPEC, "fov_mm": [20 * zoom, 40, 80]})[0, 0, 1])
+    assert np.array_equal(whole[1], fixed[1])
 
 
 def test_hessian_measures_tell_a_sphere_from_a_tube():

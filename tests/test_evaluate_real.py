@@ -54,6 +54,14 @@ def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_pat
     assert summaries["phantoms"]["measurable_lesions"] == len(measurable)
     assert summaries["phantoms"]["false_positives"] == len(case["false_lesions"])
     assert "## Lesions" in (out / "report.md").read_text()
+    rows = list(case["ablation"].values())  # segmentation alone, then each stage added: the last is the app
+    assert rows[-1] == case["metrics"] and len(rows) == 3
+    kept = [len(r["instances"]) for r in rows]  # each stage only drops
+    assert kept == sorted(kept, reverse=True)
+    judged = [f for f in case["candidates"] if "multiscale_cnn_probability" in f]
+    table = report["scores"]["phantoms"]["multiscale_cnn"]
+    assert sum(r["detecting"] + r["others"] for r in table) == len(judged)
+    assert sum(r["detecting"] for r in table) == sum(f["detects"] for f in judged)
 
     cached = next(cache.rglob("p21.npz"))
     written = cached.stat().st_mtime_ns

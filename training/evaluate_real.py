@@ -16,6 +16,11 @@ dropped the candidate that detected it. Partial truth (`"partial_truth": true`, 
 lesion outlined per patient): sensitivity and lesion Dice of the targets only; other kept lesions are
 listed as "unlabelled findings" (not proven false) and no FP rate or case Dice is given for such a set.
 
+Two more tables come from the same candidates: the ablation (segmentation alone, then the cascade's stages
+added in order, as training.ablation does on mined phantoms) and, per learned stage, its scores against the
+truth (candidates that detect a truth lesion, or not, per score bin: how far a score means the same on real
+CT as on the phantoms it was trained on).
+
 Writes OUT/report.md (tables) and OUT/report.json; prints the tables.
 """
 
@@ -37,12 +42,14 @@ from operators.lesion_segmentation import (extract_candidates, load_model_config
                                           prepared_network)
 from operators.measurements import axial_diameters, lesion_location
 from operators.thorax_crop import NoThoraxError, crop_thorax
-from training.metrics import evaluate_case, summarize
+from training.ablation import stage_prefixes
+from training.metrics import CaseResult, evaluate_case, summarize
 from training.mine_candidates import match_candidates
 from training.nifti import read_nifti
 from training.real_cases import real_case_arrays
 
 REPO = Path(__file__).resolve().parents[1]
+SCORE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def network_config(seg_dir: Path, precision: str | None = None) -> dict:
@@ -110,12 +117,13 @@ def load_case(path: Path) -> tuple[str, np.ndarray, np.ndarray, tuple, dict]:
 
 
 def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache: Path) -> dict:
-    """One case: the app's steps, then every lesion and every kept instance described."""
+    """One case: the app's steps, then every lesion and every kept instance described; "ablation" holds the
+    metrics with each prefix of the cascade's stages (the last one is the whole cascade, "metrics")."""
     start = time.perf_counter()
     name, hu, truth, spacing, truth_doc = load_case(path)
     partial, boxes_only = bool(truth_doc.get("partial_truth")), bool(truth_doc.get("boxes_only"))
     prediction = np.zeros(hu.shape, np.int32)
-    scores, features = {}, []
+    scores, features, ablation = {}, [], {}
     network_max = np.zeros(hu.shape, np.float32)
     try:
         thorax = crop_thorax(hu, spacing)
@@ -125,14 +133,20 @@ def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache
         probability = case_probability(name, hu, spacing, thorax, model, seg_config, cache)
         network_max[thorax.box] = probability
         candidates = extract_candidates(probability, seg_config["probability_threshold"], spacing)
-        result = filter_candidates(candidates, hu[thorax.box], spacing, thorax, cascade)
-        prediction[thorax.box] = result.labels
-        scores = {k: s for k, s in enumerate(result.scores, 1)}
+        for row, stages in stage_prefixes(cascade):
+            result = filter_candidates(candidates, hu[thorax.box], spacing, thorax, {**cascade, "stages": stages})
+            prediction[:] = 0
+            prediction[thorax.box] = result.labels
+            scores = {k: s for k, s in enumerate(result.scores, 1)}
+            ablation[row] = evaluate_case(prediction, truth, spacing, scores, boxes_only=boxes_only, name=name)
         detects, dice, lesion = match_candidates(candidates.labels, truth[thorax.box], np.bincount(truth.ravel()),
                                                  candidates.count, boxes_only)
         features = [{**f, "truth_lesion": int(j), "truth_dice": float(d), "detects": bool(t == 1)}
                     for f, t, d, j in zip(result.features, detects, dice, lesion)]
-    metrics = evaluate_case(prediction, truth, spacing, scores, boxes_only=boxes_only, name=name)
+    if not ablation:  # no thorax: the app refuses the study, nothing is found
+        ablation = dict.fromkeys([row for row, _ in stage_prefixes(cascade)],
+                                 evaluate_case(prediction, truth, spacing, {}, boxes_only=boxes_only, name=name))
+    metrics = list(ablation.values())[-1]
     kinds = {lesion["id"]: lesion.get("kind") or ", ".join(lesion.get("histology", [])) or None
              for lesion in truth_doc.get("lesions", [])}
     lesions = []
@@ -163,7 +177,7 @@ def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache
     return {"case": name, "partial_truth": partial, "boxes_only": boxes_only, "no_thorax": thorax is None,
             "shape": list(hu.shape), "spacing_mm": [round(float(s), 3) for s in spacing],
             "lesions": lesions, "false_lesions": instances, "candidates": features,
-            "metrics": metrics,
+            "metrics": metrics, "ablation": ablation,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -182,15 +196,34 @@ def _lost_at(lesion: int, mask: np.ndarray, thorax, features: list[dict]) -> str
     return "cascade " + max(detecting, key=lambda f: f["truth_dice"]).get("dropped_by", "?")
 
 
-def summarize_set(cases: list[dict]) -> dict:
-    """Set metrics; for partial truth only the target sensitivity and lesion Dice."""
-    summary = summarize([case["metrics"] for case in cases])
+def summarize_set(metrics: list[CaseResult], partial: bool) -> dict:
+    """Set metrics; for partial truth only the target sensitivity and lesion Dice, and the kept instances
+    touching no target as unlabelled findings."""
+    summary = summarize(metrics)
     summary.pop("froc")
-    if any(case["partial_truth"] for case in cases):
+    if partial:
         summary = {key: summary[key] for key in ("cases", "measurable_lesions", "detected", "sensitivity",
                                                  "lesion_dice_mean")}
-        summary["unlabelled_findings_per_scan"] = sum(len(c["false_lesions"]) for c in cases) / max(len(cases), 1)
+        summary["unlabelled_findings_per_scan"] = sum(m.false_positives for m in metrics) / max(len(metrics), 1)
     return summary
+
+
+def ablation_rows(cases: list[dict]) -> dict[str, dict]:
+    """The set's metrics with each prefix of the cascade's stages (row name -> summary)."""
+    partial = any(case["partial_truth"] for case in cases)
+    return {row: summarize_set([case["ablation"][row] for case in cases], partial) for row in cases[0]["ablation"]}
+
+
+def score_table(cases: list[dict], stage: str) -> list[dict]:
+    """Per SCORE_BINS bin of a learned stage's probability: the candidates it judged that detect a truth
+    lesion (Dice >= 0.1) and the others (partial truth: not proven false)."""
+    judged = [(f[f"{stage}_probability"], f["detects"]) for case in cases for f in case["candidates"]
+              if f"{stage}_probability" in f]
+    rows = []
+    for low, high in zip(SCORE_BINS, SCORE_BINS[1:]):
+        inside = [t for p, t in judged if low <= p < high or (high == SCORE_BINS[-1] and p == high)]
+        rows.append({"bin": f"{low:.1f}-{high:.1f}", "detecting": sum(inside), "others": len(inside) - sum(inside)})
+    return rows
 
 
 def _fmt(value) -> str:
@@ -199,7 +232,8 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict]) -> str:
+def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict], ablations: dict[str, dict],
+                  scores: dict[str, dict[str, list[dict]]]) -> str:
     lines = ["## Lesions", "", "| set | case | lesion | diameter mm | kind | found | Dice | network max p | lost at |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, cases in sets.items():
@@ -223,6 +257,20 @@ def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict]) -> st
         for key, value in summary.items():
             if key != "cpm_sensitivities":
                 lines.append(f"| {name} | {key} | {_fmt(value)} |")
+    lines += ["", "## Ablation: segmentation alone, then each stage added", "",
+              "| set | configuration | found (detected / measurable) | lesion Dice | false lesions per scan "
+              "(partial truth: unlabelled findings) |", "|---|---|---|---|---|"]
+    for name, rows in ablations.items():
+        for row, summary in rows.items():
+            per_scan = summary.get("unlabelled_findings_per_scan", summary.get("fp_per_scan"))
+            lines.append(f"| {name} | {row} | {_fmt(summary['sensitivity'])} ({summary['detected']} / "
+                         f"{summary['measurable_lesions']}) | {_fmt(summary['lesion_dice_mean'])} | {_fmt(per_scan)} |")
+    lines += ["", "## Learned-stage scores: candidates judged, per score bin", "",
+              "| set | stage | score | detecting a truth lesion | others (partial truth: unlabelled) |",
+              "|---|---|---|---|---|"]
+    for name, stages in scores.items():
+        for stage, rows in stages.items():
+            lines += [f"| {name} | {stage} | {r['bin']} | {r['detecting']} | {r['others']} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -247,15 +295,21 @@ def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: 
             measurable = sum(lesion["measurable"] for lesion in case["lesions"])
             log(f"[{done}/{total}, {time.perf_counter() - start:.0f} s] {name} {case['case']}: {found}/{measurable} "
                 f"found, {len(case['false_lesions'])} other kept, {case['seconds']} s", flush=True)
-    summaries = {name: summarize_set(cases) for name, cases in results.items()}
-    report = format_report(results, summaries)
+    summaries = {name: summarize_set([case["metrics"] for case in cases], any(case["partial_truth"] for case in cases))
+                 for name, cases in results.items()}
+    ablations = {name: ablation_rows(cases) for name, cases in results.items()}
+    learned = [stage["name"] for stage in cascade["stages"] if stage["type"] == "torchscript"]
+    scores = {name: {stage: score_table(cases, stage) for stage in learned} for name, cases in results.items()}
+    report = format_report(results, summaries, ablations, scores)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report)
     for cases in results.values():
         for case in cases:
             case["metrics"] = asdict(case["metrics"])
+            case["ablation"] = {row: asdict(metrics) for row, metrics in case["ablation"].items()}
     (out / "report.json").write_text(json.dumps({"seg_model": str(seg_dir), "cascade": str(cascade_dir),
-                                                 "sets": results, "summaries": summaries}, indent=1))
+                                                 "sets": results, "summaries": summaries, "ablations": ablations,
+                                                 "scores": scores}, indent=1))
     log(report)
     return summaries
 
