@@ -71,7 +71,7 @@ def stock_path(study: Path) -> None:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from operators.lesion_segmentation import _resize, load_model_config
+    from operators.lesion_segmentation import load_model_config, resize_volume
     from operators.series_selection import read_study
 
     model_dir = REPO / "models" / "lesion_seg"
@@ -82,10 +82,10 @@ def stock_path(study: Path) -> None:
     work_shape = np.round(np.asarray(volume.hu.shape) * np.asarray(volume.spacing) / config["spacing_mm"])
     low, high = config["intensity_window_hu"]
     with torch.inference_mode():
-        image = _resize(torch.as_tensor(volume.hu, dtype=torch.float32, device=device)[None, None], work_shape)
+        image = resize_volume(torch.as_tensor(volume.hu, dtype=torch.float32, device=device)[None, None], work_shape)
         image = (image.clamp(low, high) - low) / (high - low)
         logits = sliding_window_inference(image, config["patch_size"], 4, model, overlap=0.25, mode="gaussian")
-        probability = _resize(torch.softmax(logits, dim=1)[:, 1:2], volume.hu.shape)[0, 0]
+        probability = resize_volume(torch.softmax(logits, dim=1)[:, 1:2], volume.hu.shape)[0, 0]
         mask = (probability >= config["probability_threshold"]).cpu().numpy()
     print(f"stock path: {int(mask.sum())} lesion voxels")
 
