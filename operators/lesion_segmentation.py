@@ -50,8 +50,7 @@ class Candidates:
         return len(self.max_probability)
 
 
-def resize_volume(volume: torch.Tensor, shape) -> torch.Tensor:
-    """Trilinear resampling of a [N, C, z, y, x] tensor to the spatial `shape`."""
+def _resize(volume: torch.Tensor, shape) -> torch.Tensor:
     return torch.nn.functional.interpolate(volume, size=tuple(int(n) for n in shape), mode="trilinear",
                                            align_corners=False)
 
@@ -84,12 +83,12 @@ def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, dev
             return model(window).float()
 
     with torch.inference_mode():
-        image = resize_volume(torch.as_tensor(hu, dtype=torch.float32, device=device)[None, None], work_shape)
+        image = _resize(torch.as_tensor(hu, dtype=torch.float32, device=device)[None, None], work_shape)
         image = (image.clamp(low, high) - low) / (high - low)
         logits = sliding_window_inference(image, config["patch_size"], config.get("sw_batch_size", 1), network,
                                           overlap=config.get("overlap", 0.5), mode="gaussian")
         probability = torch.softmax(logits, dim=1)[:, 1:2]
-        return resize_volume(probability, hu.shape)[0, 0].cpu().numpy()
+        return _resize(probability, hu.shape)[0, 0].cpu().numpy()
 
 
 def extract_candidates(probability: np.ndarray, threshold: float, spacing,

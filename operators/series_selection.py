@@ -381,9 +381,9 @@ def check_memory(slices: int, rows: int, columns: int, available: int) -> None:
 def _return_freed_memory() -> None:
     """Hand the freed heap back to the system (glibc keeps freed blocks of a few hundred KB, such as one slice's
     pixels, for reuse: without this, dropping a series' pixel data would not lower the peak that follows)."""
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
+    malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)  # glibc only
+    if malloc_trim:
+        malloc_trim(0)
 
 
 def read_study(input_folder: Path) -> CTVolume:

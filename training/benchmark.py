@@ -67,27 +67,20 @@ def app_run(study: Path, out: Path, log: Path) -> dict:
 
 
 def stock_path(study: Path) -> None:
-    """The stock path (module notes) on one study, in this process."""
+    """The stock path (module notes) on one study, in this process: the app's own resampling and MONAI sliding
+    window, but over the whole volume, in float32, 4 windows per batch, with the network as stored (not frozen)."""
     import torch
-    from monai.inferers import sliding_window_inference
 
-    from operators.lesion_segmentation import load_model_config, resize_volume
+    from operators.lesion_segmentation import load_model_config, predict_lesion_probability
     from operators.series_selection import read_study
 
     model_dir = REPO / "models" / "lesion_seg"
-    config = load_model_config(model_dir)
+    config = {**load_model_config(model_dir), "precision": {}, "overlap": 0.25, "sw_batch_size": 4}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = torch.jit.load(str(model_dir / config["file"]), map_location=device).eval()
     volume = read_study(study)
-    work_shape = np.round(np.asarray(volume.hu.shape) * np.asarray(volume.spacing) / config["spacing_mm"])
-    low, high = config["intensity_window_hu"]
-    with torch.inference_mode():
-        image = resize_volume(torch.as_tensor(volume.hu, dtype=torch.float32, device=device)[None, None], work_shape)
-        image = (image.clamp(low, high) - low) / (high - low)
-        logits = sliding_window_inference(image, config["patch_size"], 4, model, overlap=0.25, mode="gaussian")
-        probability = resize_volume(torch.softmax(logits, dim=1)[:, 1:2], volume.hu.shape)[0, 0]
-        mask = (probability >= config["probability_threshold"]).cpu().numpy()
-    print(f"stock path: {int(mask.sum())} lesion voxels")
+    probability = predict_lesion_probability(volume.hu, volume.spacing, model, config, device)
+    print(f"stock path: {int((probability >= config['probability_threshold']).sum())} lesion voxels")
 
 
 def generate_study(folder: Path, seed: int, slices: int, slice_mm: float) -> Path:

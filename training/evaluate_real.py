@@ -75,8 +75,7 @@ def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_conf
         with np.load(path) as stored:
             if np.array_equal(stored["box"], box):
                 return stored["probability"].astype(np.float32)
-    with torch.inference_mode():
-        probability = predict_lesion_probability(hu[thorax.box], spacing, model, seg_config)
+    probability = predict_lesion_probability(hu[thorax.box], spacing, model, seg_config)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, probability=probability.astype(np.float16), box=box)
