@@ -16,6 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("LUNG_MAP_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
 REAL_CASES = ["lidc0001", "radiomics_lung1", "petctdx_a0001", "abdomen_negative"]
+REAL_TRAIN = Path(os.environ.get("LUNG_MAP_REAL_TRAIN_DATA", REPO.parent / "shared" / "data" / "real-train"))
 
 
 def real_case(name: str) -> Path:
@@ -23,6 +24,14 @@ def real_case(name: str) -> Path:
     folder = REAL_DATA / name
     if not (folder / "dicom").is_dir():
         pytest.skip(f"real case {name} not found in {REAL_DATA} (set LUNG_MAP_REAL_DATA to a copy of shared/data/real)")
+    return folder
+
+
+def real_train_case(name: str) -> Path:
+    """The folder of one real-train case; skip the test where the shared data are absent."""
+    folder = REAL_TRAIN / name
+    if not (folder / "dicom").is_dir():
+        pytest.skip(f"real-train case {name} not found in {REAL_TRAIN} (set LUNG_MAP_REAL_TRAIN_DATA to shared/data/real-train)")
     return folder
 
 

@@ -3,7 +3,6 @@ writes, each output passes dciodvfy, and the conditions the source triggers hold
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,10 @@ from pydicom.tag import Tag
 from operators.report_writer import PDF_DICOM_FILE, write_reports
 from operators.seg_writer import SEG_FILE, UNSTATED_DEIDENTIFICATION, write_lesion_outputs
 from operators.sr_report import SR_FILE
+from tests.conftest import real_train_case
 from tests.dicom_validation import assert_dciodvfy_clean, assert_dcmqi_reads_exactly
 from tests.test_seg_writer import SPHERE, make_series
 
-REAL_TRAIN = Path(os.environ.get("LUNG_MAP_REAL_TRAIN_DATA",
-                                 Path(__file__).resolve().parents[2] / "shared/data/real-train"))
 DICOM_OUTPUTS = (SEG_FILE, SR_FILE, PDF_DICOM_FILE)
 
 
@@ -90,9 +88,7 @@ def _saved(ds: Dataset, folder: Path) -> Path:
 
 def test_real_train_headers(tmp_path):
     """QIN LUNG CT headers: empty SpacingBetweenSlices (broke the SR) and LossyImageCompression (SEG error)."""
-    folder = REAL_TRAIN / "qin_lsc_0014" / "dicom"
-    if not folder.is_dir():
-        pytest.skip(f"real-train case not found at {folder} (set LUNG_MAP_REAL_TRAIN_DATA to shared/data/real-train)")
+    folder = real_train_case("qin_lsc_0014") / "dicom"
     datasets = sorted((pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))[40:48]),
                       key=lambda ds: float(ds.ImagePositionPatient[2]))
     assert datasets[0]["SpacingBetweenSlices"].is_empty and datasets[0]["LossyImageCompression"].is_empty

@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import REPO, real_train_case
 from training.export import export
+from training.nifti import read_nifti
 from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
-from training.train import PRESETS, build_network, learning_rate, train
+from training.real_backgrounds import make_cases, mediastinum_mask
+from training.real_cases import real_case_arrays
+from training.train import IGNORE, PRESETS, binary_target, build_network, dice_ce_loss, learning_rate, train
 
 TINY = dict(PRESETS["cpu"], filters=[4, 8, 16], patch_size=[16, 32, 32], batch_size=4, samples_per_volume=4,
             iterations=60, validate_every=60, learning_rate=1e-2, threads=2)
@@ -35,7 +39,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    state = train(dataset, run_dir, dict(TINY))
+    state = train([dataset], run_dir, dict(TINY))
     return run_dir, state
 
 
@@ -73,6 +77,48 @@ def test_schedule_warms_up_then_anneals_to_zero():
 
 
 def test_wall_clock_budget_ends_training(dataset, tmp_path):
-    state = train(dataset, tmp_path, dict(TINY, iterations=10_000, validate_every=10_000, max_minutes=0.4))
+    state = train([dataset], tmp_path, dict(TINY, iterations=10_000, validate_every=10_000, max_minutes=0.4))
     assert 0 < state["iteration"] < 10_000
     assert json.loads((tmp_path / "history.json").read_text())[-1]["iteration"] == state["iteration"]
+
+
+def test_loss_is_monai_dice_ce_and_blind_to_ignored_voxels():
+    from monai.losses import DiceCELoss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 6, 8, 8, generator=generator)
+    label = (torch.rand(2, 1, 6, 8, 8, generator=generator) > 0.7).float()
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
+    assert torch.allclose(dice_ce_loss(logits, binary_target(label)), expected)
+    label[:, :, :2] = IGNORE
+    target = binary_target(label)
+    changed = logits.clone()
+    changed[:, :, :2] = torch.randn(2, 2, 2, 8, 8, generator=generator) * 10
+    assert torch.allclose(dice_ce_loss(logits, target), dice_ce_loss(changed, target))
+    assert not torch.allclose(dice_ce_loss(logits, target), expected)
+
+
+def test_mediastinum_is_the_soft_tissue_between_the_lungs():
+    lungs = np.zeros((2, 10, 20), bool)
+    lungs[:, 2:8, 2:7] = lungs[:, 2:8, 13:18] = True
+    hu = np.full(lungs.shape, 40.0)
+    hu[:, :, 10] = -1000.0  # an air column (trachea) is no place for a node
+    mask = mediastinum_mask(hu, lungs)
+    assert mask[:, 2:8, 7:10].all() and mask[:, 2:8, 11:13].all()
+    assert mask.sum() == 2 * 6 * 5 and not mask[:, :, 10].any()
+
+
+def test_real_backgrounds_keep_the_partial_truth_out_of_the_loss(tmp_path):
+    folder = real_train_case("qin_lsc_0055")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / folder.name).symlink_to(folder)
+    out = tmp_path / "dataset"
+    items = make_cases(tmp_path / "real", out, seeds=1, count=4, seg_dir=REPO / "models" / "lesion_seg",
+                       cascade_dir=REPO / "models" / "cascade_fp", cache=tmp_path / "cache", log=lambda *a, **k: None)
+    assert json.loads((out / "dataset.json").read_text())["training"] == items
+    labels, _ = read_nifti(out / "labelsTr" / f"{folder.name}_s0.nii.gz")
+    _, truth, *_ = real_case_arrays(folder)
+    assert (labels[truth > 0] == IGNORE).all()  # the outlined target is neither lesion nor background
+    inserted = json.loads((out / "labelsTr" / f"{folder.name}_s0.json").read_text())["lesions"]
+    assert 0 < len(inserted) <= 4
+    assert sorted(np.unique(labels[(labels > 0) & (labels != IGNORE)])) == [lesion["label"] for lesion in inserted]

@@ -19,6 +19,8 @@ Dice 0.1 (neither; left out of training). OUT/<case>.npz (compressed) holds per 
 `match_dice`, `lesion_diameter_mm` (of the matched lesion), `feature_names` x `features`, `patches`
 (float16 [N, scales, 2, size, size, size]) and, on the evaluation box (thorax box and every truth
 voxel), `candidate_labels` and `truth` for training.ablation. A case whose .npz exists is skipped.
+Candidates touching IGNORE voxels (training.real_backgrounds: regions of real CT that may hold an unlabelled
+lesion) are -1, and near misses there are not taken.
 
 False candidates are rare with a good network, so every case also stores its near misses (`near_misses`:
 instances of probability >= NEAR_MISS_THRESHOLD that never reach the operating threshold and touch no
@@ -49,6 +51,7 @@ from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.metrics import DETECTION_DICE
 from training.nifti import read_nifti
 from training.phantom import generate_phantom
+from training.train import IGNORE
 
 REPO = Path(__file__).resolve().parents[1]
 SUFFIX = ".nii.gz"
@@ -160,6 +163,8 @@ def mine_case(name: str, case: dict, model, seg_config: dict, patch_spec: dict,
         truth_voxels = np.bincount(truth.ravel().astype(np.int64))
         label, dice, lesion = match_candidates(candidates.labels, truth[thorax.box], truth_voxels, candidates.count,
                                                case["boxes_only"])
+        ignored = np.unique(candidates.labels[truth[thorax.box] == IGNORE])
+        label[ignored[ignored > 0] - 1] = -1  # may be an unlabelled real lesion (training.real_backgrounds)
         lesion_boxes = ndimage.find_objects(truth.astype(np.int32))
         diameter = np.array([axial_diameters(truth[lesion_boxes[j - 1]] == j, spacing).long_mm if j else np.nan
                              for j in lesion], np.float32)

@@ -4,9 +4,12 @@
     python -m training.train --data data/phantoms --run runs/lesion_seg --preset gpu
     python -m training.train ... --max-minutes 6                                     # wall-clock budget
     python -m training.train ... --resume                                            # continue
+    python -m training.train --data data/phantoms --data data/real_backgrounds --run runs/finetune --preset finetune
 
 dataset.json lists {"image", "label"} pairs under "training" (and optionally "validation");
-labels may be instance labels (any value > 0 is lesion). Every setting of the run is stored in
+labels may be instance labels (any value > 0 is lesion) with IGNORE (255) where the loss must not look
+(training.real_backgrounds: real CT whose other lesions are not outlined). --data may be repeated; the
+"finetune" preset starts from the shipped weights (`init`). Every setting of the run is stored in
 RUN/config.json, and training.export turns RUN/best.pt into models/lesion_seg.
 """
 
@@ -22,7 +25,6 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader
-from monai.losses import DiceCELoss
 from monai.networks.nets import DynUNet
 
 log = logging.getLogger("train")
@@ -36,7 +38,10 @@ PRESETS = {
                 learning_rate=2e-3, validate_every=350, threads=2, loader_workers=0),
     "gpu": dict(MODEL, patch_size=[64, 128, 128], batch_size=8, samples_per_volume=2, iterations=20000,
                 learning_rate=2e-3, validate_every=250, threads=16, loader_workers=12),
+    "finetune": dict(MODEL, patch_size=[48, 96, 96], batch_size=2, samples_per_volume=2, iterations=600,
+                     learning_rate=3e-4, validate_every=600, threads=2, loader_workers=0, init="models/lesion_seg"),
 }
+IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
 BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion of the case
 
@@ -88,7 +93,7 @@ def augmentation(config: dict) -> list:
                                    ratios=[BACKGROUND_RATIO] + [1] * MAX_LESIONS, num_classes=MAX_LESIONS + 1,
                                    num_samples=config["samples_per_volume"], indices_key="label_cls_indices",
                                    warn=False),
-        mt.Lambdad(keys="label", func=lambda label: (label > 0).float()),
+        mt.Lambdad(keys="label", func=binary_target),
         mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),  # left-right
         mt.RandScaleIntensityd(keys="image", factors=0.05, prob=0.3),
         mt.RandShiftIntensityd(keys="image", offsets=0.02, prob=0.3),
@@ -97,10 +102,31 @@ def augmentation(config: dict) -> list:
     ]
 
 
-def _dataset_lists(data_dir: Path, val_count: int):
-    spec = json.loads((data_dir / "dataset.json").read_text())
-    items = [{k: str(data_dir / v) for k, v in item.items() if k in ("image", "label")} for item in spec["training"]]
-    validation = [{k: str(data_dir / v) for k, v in item.items()} for item in spec.get("validation", [])]
+def binary_target(label: torch.Tensor) -> torch.Tensor:
+    """1 lesion, 0 background, -1 IGNORE."""
+    return torch.where(label == IGNORE, -1.0, (label > 0).float())
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI's DiceCELoss (softmax, one-hot, both channels, smoothing 1e-5) over the voxels whose target is
+    not -1 (`binary_target`); with no such voxel it equals DiceCELoss(to_onehot_y=True, softmax=True)."""
+    valid = (target >= 0).float()
+    lesion = target.clamp(min=0)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, lesion[:, 0].long(), reduction="none")
+    cross_entropy = (cross_entropy * valid[:, 0]).sum() / valid.sum().clamp(min=1)
+    probability = torch.softmax(logits, dim=1) * valid
+    onehot = torch.cat([1 - lesion, lesion], dim=1) * valid
+    axes = tuple(range(2, logits.ndim))
+    dice = 1 - (2 * (probability * onehot).sum(axes) + 1e-5) / (probability.sum(axes) + onehot.sum(axes) + 1e-5)
+    return dice.mean() + cross_entropy
+
+
+def _dataset_lists(data_dirs: list[Path], val_count: int):
+    items, validation = [], []
+    for data_dir in data_dirs:
+        spec = json.loads((data_dir / "dataset.json").read_text())
+        items += [{k: str(data_dir / v) for k, v in item.items() if k in ("image", "label")} for item in spec["training"]]
+        validation += [{k: str(data_dir / v) for k, v in item.items()} for item in spec.get("validation", [])]
     if not validation:
         items, validation = items[val_count:], items[:val_count]
     return items, validation
@@ -112,7 +138,7 @@ def _dice(model, batch, config) -> float:
     with torch.no_grad():
         logits = sliding_window_inference(batch["image"], config["patch_size"], 4, model, overlap=0.25)
     pred = logits.argmax(1, keepdim=True).float()
-    truth = (batch["label"] > 0).float()
+    truth = (batch["label"] > 0).float() * (batch["label"] != IGNORE)
     denominator = float(pred.sum() + truth.sum())
     return 1.0 if denominator == 0 else float(2 * (pred * truth).sum()) / denominator
 
@@ -125,7 +151,7 @@ def learning_rate(config: dict, progress: float) -> float:
     return config["learning_rate"] * 0.5 * (1 + np.cos(np.pi * min((progress - warmup) / (1 - warmup), 1.0)))
 
 
-def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val_count: int = 4) -> dict:
+def train(data_dirs: list[Path], run_dir: Path, config: dict, resume: bool = False, val_count: int = 4) -> dict:
     """Train until config["iterations"], or until config["max_minutes"] of wall time (caching included)
     when that is set; the learning-rate schedule follows whichever is further along."""
     t_begin = time.perf_counter()
@@ -136,7 +162,7 @@ def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val
     torch.backends.cudnn.benchmark = True
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=1))
-    train_items, val_items = _dataset_lists(data_dir, val_count)
+    train_items, val_items = _dataset_lists(data_dirs, val_count)
     log.info("%d training and %d validation volumes on %s; caching preprocessed volumes",
              len(train_items), len(val_items), device)
     prep = preprocessing(config)
@@ -149,8 +175,11 @@ def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val
                         shuffle=True, num_workers=workers, persistent_workers=workers > 0)
 
     model = build_network(config).to(device)
+    if config.get("init"):
+        init = Path(__file__).resolve().parents[1] / config["init"]  # relative to the repository
+        model.load_state_dict(torch.jit.load(str(init / "model.ts"), map_location=device).state_dict())
+        log.info("starting from the weights in %s", init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=1e-4)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     state = {"iteration": 0, "train_seconds": 0.0, "best_dice": -1.0, "history": [], "losses": []}
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():
@@ -179,7 +208,7 @@ def train(data_dir: Path, run_dir: Path, config: dict, resume: bool = False, val
             image, label = batch["image"].to(device), batch["label"].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(image)
-            loss = loss_fn(logits.float(), label)
+            loss = dice_ce_loss(logits.float(), label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -219,7 +248,8 @@ def _validate_and_save(model, val_ds, config, state, optimizer, run_dir, losses,
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="folder with dataset.json")
+    parser.add_argument("--data", type=Path, action="append", required=True,
+                        help="folder with dataset.json (repeat to train on several)")
     parser.add_argument("--run", type=Path, required=True, help="output folder for checkpoints and logs")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--iterations", type=int, help="override the preset's iteration count")

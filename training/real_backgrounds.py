@@ -1,0 +1,121 @@
+"""Training cases from real chest CT with partial truth: synthetic lesions inserted into real anatomy.
+
+    python -m training.real_backgrounds --real-train ../shared/data/real-train --out data/real_backgrounds \
+        --seeds 3 [--count 6]
+
+For each case of --real-train (one outlined target lesion per patient, others possibly unlabelled) and each
+seed, lesions of every kind (training.lesions; 5-90 mm, nodes in the mediastinum) are inserted away from
+the regions that may hold a real lesion, and the case is written as a Decathlon-style dataset:
+imagesTr/<case>_s<seed>.nii.gz, labelsTr/<same> (inserted lesions 1..n, IGNORE where the loss must not
+look) and dataset.json. The real anatomy around the inserted lesions (hila, mediastinum, vessels, upper
+abdomen) is learned as background.
+
+Partial truth: the outlined target and every instance that the shipped app keeps elsewhere (unlabelled
+findings, possibly real lesions), each grown by IGNORE_MARGIN_MM, are IGNORE: neither lesion nor background
+in training. The targets are thus never shown to the network, and finding them stays a fair validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from operators.cascade_fp import filter_candidates, load_cascade
+from operators.lesion_segmentation import extract_candidates, prepared_network
+from operators.thorax_crop import crop_thorax
+from training.evaluate_real import REPO, case_probability, list_cases, network_config, network_key
+from training.lesions import estimate_noise_and_blur, insert_lesions
+from training.nifti import write_nifti
+from training.real_cases import real_case_arrays
+from training.train import IGNORE
+IGNORE_MARGIN_MM = 5.0
+SIZE_RANGE_MM = (5.0, 90.0)
+MEDIASTINUM_HU = (-120.0, 150.0)  # fat and soft tissue between the lungs, where nodes are placed
+
+
+def mediastinum_mask(hu: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """Fat and soft tissue between the two lungs, row by row of each axial slice (no lung on one side: none)."""
+    mask = np.zeros(lungs.shape, bool)
+    columns = np.arange(lungs.shape[2])
+    for z in np.flatnonzero(lungs.any(axis=(1, 2))):
+        xs = np.flatnonzero(lungs[z].any(axis=0))
+        midline = (xs[0] + xs[-1]) / 2
+        for y in np.flatnonzero(lungs[z].any(axis=1)):
+            row = np.flatnonzero(lungs[z, y])
+            right, left = row[row < midline], row[row > midline]
+            if len(right) and len(left):
+                mask[z, y] = (columns > right.max()) & (columns < left.min())
+    return mask & (hu >= MEDIASTINUM_HU[0]) & (hu <= MEDIASTINUM_HU[1])
+
+
+def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache: Path, name: str) -> np.ndarray:
+    """The regions that may hold a real lesion: the outlined truth and the app's kept instances elsewhere."""
+    probability = case_probability(name, hu, spacing, thorax, model, seg_config, cache)
+    candidates = extract_candidates(probability, seg_config["probability_threshold"], spacing)
+    kept = np.zeros(hu.shape, bool)
+    kept[thorax.box] = filter_candidates(candidates, hu[thorax.box], spacing, thorax, cascade).labels > 0
+    reach = np.maximum(np.round(IGNORE_MARGIN_MM / np.asarray(spacing)).astype(int), 1)
+    grow = np.ones(tuple(2 * r + 1 for r in reach), bool)
+    return ndimage.binary_dilation((truth > 0) | kept, grow)
+
+
+def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Path, cascade_dir: Path,
+               cache: Path, log=print) -> list[dict]:
+    seg_config = network_config(seg_dir)
+    model = prepared_network(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts"))), "cpu")
+    cascade = load_cascade(cascade_dir)
+    cache = cache / network_key(seg_dir, seg_config)
+    for folder in ("imagesTr", "labelsTr"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    items, start = [], time.perf_counter()
+    for folder in list_cases(real_train):
+        hu, truth, spacing, origin, _ = real_case_arrays(folder)
+        hu = hu.astype(np.float32)
+        thorax = crop_thorax(hu, spacing)
+        lungs = np.zeros(hu.shape, bool)
+        lungs[thorax.box] = thorax.lungs
+        ignore = possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache, folder.name)
+        mediastinum = mediastinum_mask(hu, lungs) & ~ignore
+        noise_sd, blur = estimate_noise_and_blur(hu, spacing, lungs)
+        for seed in range(seeds):
+            rng = np.random.default_rng([seed, len(items)])
+            image, labels, lesions = insert_lesions(hu, spacing, lungs & ~ignore, mediastinum, rng, count,
+                                                    blur_sigma_mm=blur, noise_sd_hu=noise_sd, size_range_mm=SIZE_RANGE_MM)
+            labels[ignore & (labels == 0)] = IGNORE
+            case = f"{folder.name}_s{seed}"
+            write_nifti(out / "imagesTr" / f"{case}.nii.gz", np.clip(np.rint(image), -1024, 3071).astype(np.int16),
+                        spacing, origin)
+            write_nifti(out / "labelsTr" / f"{case}.nii.gz", labels, spacing, origin)
+            (out / "labelsTr" / f"{case}.json").write_text(json.dumps(
+                {"background": folder.name, "seed": seed, "ignore_label": IGNORE, "lesions": lesions}, indent=1))
+            items.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+            log(f"{case}: {len(lesions)} lesions ({', '.join(sorted({l['kind'] for l in lesions}))}), "
+                f"{time.perf_counter() - start:.0f} s", flush=True)
+    (out / "dataset.json").write_text(json.dumps({
+        "name": "RealBackgrounds", "description": __doc__.splitlines()[0], "labels": {
+            "0": "background", "1": "lesion (instance labels 1..n)", str(IGNORE): "ignored by the loss"},
+        "training": items}, indent=1))
+    return items
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real-train", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, default=3, help="cases per real background")
+    parser.add_argument("--count", type=int, default=6, help="lesions inserted per case (fewer where room lacks)")
+    parser.add_argument("--seg-model", type=Path, default=REPO / "models" / "lesion_seg")
+    parser.add_argument("--cascade", type=Path, default=REPO / "models" / "cascade_fp")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "probability_cache")
+    args = parser.parse_args(argv)
+    make_cases(args.real_train, args.out, args.seeds, args.count, args.seg_model, args.cascade, args.cache)
+
+
+if __name__ == "__main__":
+    main()
