@@ -13,7 +13,7 @@ from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
 from training.mine_candidates import match_candidates, near_misses
-from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, export_stage,
+from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, export_stage, shipped_members,
                                     threshold_for_retention, train_cnn, train_feature_classifier)
 
 SPEC = {"fov_mm": [20, 40, 80], "size": 24, "intensity_window_hu": [-1000, 400]}
@@ -194,6 +194,21 @@ def _save_stages(folder, stages_and_modules):
         stages.append(stage)
     (folder / "model.json").write_text(json.dumps({"name": "cascade_fp", "patches": SPEC, "stages": stages}))
     return load_cascade(folder)
+
+
+def test_fine_tuning_starts_from_the_exported_ensemble(tmp_path):
+    patches, _, labels = _synthetic_candidates(8)
+    torch.manual_seed(0)
+    members = [MultiscaleCNN().eval() for _ in range(2)]
+    export_stage(MeanProbability(members).eval(), torch.from_numpy(patches[:2]), tmp_path / "multiscale_cnn.ts")
+    loaded = shipped_members(tmp_path, 2)
+    x = torch.from_numpy(patches)
+    with torch.no_grad():
+        assert all(torch.allclose(a.eval()(x), b(x), atol=1e-6) for a, b in zip(loaded, members))
+    model, history = train_cnn(patches, labels, patches, labels.astype(np.int8), retention=0.98, fov_mm=SPEC["fov_mm"],
+                               epochs=1, batch=8, log=lambda line: None, init=loaded[0], learning_rate=0.0)
+    for trained, start in zip(model.parameters(), members[0].parameters()):  # learning rate 0: the weights it began with
+        assert torch.equal(trained, start)
 
 
 def test_exported_stages_load_and_match_the_eager_models(tmp_path):

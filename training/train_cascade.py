@@ -18,7 +18,8 @@ stages (--stages), in order of cost:
   often outlines only part of a lesion.
 Both use class-balanced BCE (positive weight = false / true). The CNN stage is the mean probability of
 one network per seed (`--seeds`), each trained for `--epochs` with a cosine learning-rate decay and
-taken at its last epoch: validation never picks weights, it only sets thresholds. Each stage's
+taken at its last epoch: validation never picks weights, it only sets thresholds. With --init DIR the CNN
+members start from the ensemble exported in DIR (fine-tuning, e.g. on candidates mined from real backgrounds). Each stage's
 threshold is the highest that keeps >= `retention` of the true validation candidates reaching it, and
 its `max_equivalent_diameter_mm` that of the largest true training candidate (larger masses pass it
 unjudged in the app).
@@ -204,13 +205,17 @@ def false_kept(probabilities: np.ndarray, labels: np.ndarray, retention: float) 
 
 
 def train_cnn(patches: np.ndarray, y: np.ndarray, val_patches: np.ndarray, val_y: np.ndarray, retention: float,
-              fov_mm, epochs: int = 40, batch: int = 32, seed: int = 0, log=print) -> tuple[MultiscaleCNN, list]:
-    """Train the multiscale CNN for `epochs` with a cosine learning-rate decay and return its final weights;
-    the validation candidates are only watched (share of false kept at `retention`), never used to pick."""
+              fov_mm, epochs: int = 40, batch: int = 32, seed: int = 0, log=print, init: nn.Module | None = None,
+              learning_rate: float = 2e-3) -> tuple[MultiscaleCNN, list]:
+    """Train the multiscale CNN (from `init`'s weights when given) for `epochs` with a cosine learning-rate decay
+    and return its final weights; the validation candidates are only watched (share of false kept at
+    `retention`), never used to pick."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = MultiscaleCNN(scales=patches.shape[1], channels=patches.shape[2])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     loss_fn = _balanced_loss(y)
     history, start = [], time.perf_counter()
@@ -263,8 +268,16 @@ def _counts(data: dict) -> dict:
 LEARNED_STAGES = ("feature_classifier", "multiscale_cnn")
 
 
+def shipped_members(init_dir: Path, count: int) -> list[MultiscaleCNN]:
+    """The members of the multiscale CNN ensemble exported in `init_dir` (its .ts weights, as eager modules)."""
+    ensemble = MeanProbability([MultiscaleCNN() for _ in range(count)])
+    ensemble.load_state_dict(torch.jit.load(str(init_dir / "multiscale_cnn.ts")).state_dict())
+    return list(ensemble.members)
+
+
 def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, retention: float = 0.98,
-                  epochs: int = 40, learned=LEARNED_STAGES, seeds=(0,), log=print) -> dict:
+                  epochs: int = 40, learned=LEARNED_STAGES, seeds=(0,), log=print, init_dir: Path | None = None,
+                  learning_rate: float = 2e-3) -> dict:
     cascade = json.loads((out / "model.json").read_text())
     stages = [s for s in cascade["stages"] if s["type"] == "features"]
     start = time.perf_counter()
@@ -273,7 +286,8 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
         f"cases, {len(val['labels'])} validation {_counts(val)} from {len(val['cases'])} cases "
         f"({time.perf_counter() - start:.0f} s)")
     inputs = FEATURE_STAGE_INPUTS + sorted(k for k in train["features"][0] if k.startswith("hessian_"))
-    record = {"retention_target": retention, "epochs": epochs, "seeds": list(seeds),
+    record = {"retention_target": retention, "epochs": epochs, "seeds": list(seeds), "learning_rate": learning_rate,
+              "init": str(init_dir) if init_dir else None,
               "train": {"folders": [str(d) for d in train_dirs], "cases": len(train["cases"]),
                         "candidates": _counts(train)},
               "validation": {"folders": [str(d) for d in val_dirs], "cases": len(val["cases"]),
@@ -299,8 +313,10 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
                                                                                              "loss_last": losses[-1]}
             stage = {"input": "features", "feature_names": inputs}
         else:
+            inits = shipped_members(init_dir, len(seeds)) if init_dir else [None] * len(seeds)
             members = [train_cnn(train["patches"][index], y, val["patches"][val_index], val_y, retention,
-                                 cascade["patches"]["fov_mm"], epochs=epochs, seed=seed, log=log) for seed in seeds]
+                                 cascade["patches"]["fov_mm"], epochs=epochs, seed=seed, log=log, init=init,
+                                 learning_rate=learning_rate) for seed, init in zip(seeds, inits)]
             model, history = MeanProbability([m for m, _ in members]), [h for _, h in members]
             val_p = predict(model, val["patches"][val_index])
             example = torch.from_numpy(train["patches"][index[:4]].astype(np.float32))
@@ -336,10 +352,13 @@ def main(argv=None) -> None:
                         help="one CNN per seed (initialisation, order, augmentation); the stage is their mean")
     parser.add_argument("--stages", nargs="+", choices=LEARNED_STAGES, default=["multiscale_cnn"],
                         help="learned stages to train, in cascade order")
+    parser.add_argument("--init", type=Path, help="fine-tune the multiscale CNN ensemble exported in this folder "
+                        "(one member per seed)")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_cascade(args.train, args.val, args.out, args.retention, args.epochs, args.stages, args.seeds,
-                  log=lambda line: print(line, flush=True))
+                  log=lambda line: print(line, flush=True), init_dir=args.init, learning_rate=args.learning_rate)
 
 
 if __name__ == "__main__":
