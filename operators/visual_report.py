@@ -11,7 +11,7 @@ Plain functions:
 
 Pixels are drawn as stored (DICOM display convention: patient right on the image left for the
 usual axial orientation) with the pixel aspect ratio of PixelSpacing. Every page states that the
-network's weights were trained on synthetic data and are not for clinical use.
+network's weights were trained on synthetic lesions and are not for clinical use.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from operators.seg_writer import DEIDENTIFICATION_KEYWORDS, MANUFACTURER, PATIEN
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 PDF_SERIES_NUMBER = 903
 REPORT_TITLE = "Lung lesions: automatic measurements"
-DISCLAIMER = ("Research software, not a medical device: the network weights were trained on synthetic data "
+DISCLAIMER = ("Research software, not a medical device: the network weights were trained on synthetic lesions "
               "and are not for clinical use. Check every outline and measurement.")
 LUNG_WINDOW = (-600.0, 1500.0)  # level, width (HU)
 ZOOM_MIN_MM = 60.0  # the zoomed view spans at least this, and twice the lesion's long axis

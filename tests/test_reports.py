@@ -245,7 +245,7 @@ def test_visual_report_and_encapsulated_pdf(tmp_path):
     assert {item.ReferencedSOPInstanceUID for item in wrapped.SourceInstanceSequence} == {
         r["axial_slice_sop_instance_uid"] for r in document["lesions"]}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "nothing partial is left"
-    assert "synthetic data" in DISCLAIMER and "not for clinical use" in DISCLAIMER
+    assert "synthetic lesions" in DISCLAIMER and "not for clinical use" in DISCLAIMER
 
 
 def test_no_lesions_report(tmp_path):
