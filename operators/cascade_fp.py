@@ -19,11 +19,11 @@ probability and keeps it when the probability >= `threshold`. Its `input` is eit
 - "features": float32 [N, F], the candidate's features named in `feature_names`.
 It returns the probability, float32 [N]. Patches and the multiscale Hessian measures (blob versus
 tube, `hessian_features`) are computed once, for the candidates that reach the first learned stage.
-A learned stage judges only candidates like those it was trained on: a mass larger than the largest
-lesion of its training data (the diameter of a sphere of the candidate's volume over the stage's
-`max_equivalent_diameter_mm`; such a mass also overfills its patches) passes it unjudged, with a note in
-its features, rather than being dropped for looking unlike anything the stage has seen. A long but
-thin candidate (a sliver along the heart or diaphragm) is still judged.
+A learned stage judges only candidates of the sizes at which it saw both lesions and false candidates in
+training: a mass larger than that (the diameter of a sphere of the candidate's volume over the stage's
+`max_equivalent_diameter_mm`) passes it unjudged, with a note in its features, rather than being dropped
+by a stage that never learned to reject anything that large. A long but thin candidate (a sliver along
+the heart or diaphragm) is still judged.
 
 The lesion score is the probability of the last learned stage a candidate passed (the network's
 maximum probability when there is none).
@@ -255,7 +255,7 @@ def run_stages(features: list[dict], stages: list[dict], patches_of: Callable[[l
         largest = stage.get("max_equivalent_diameter_mm", np.inf)
         judged = [i for i in alive if equivalent_diameter_mm(features[i]["volume_ml"]) <= largest]
         for i in set(alive) - set(judged):
-            features[i][f"{stage['name']}_not_judged"] = f"a mass over the {largest:g} mm it was trained on"
+            features[i][f"{stage['name']}_not_judged"] = f"a mass over {largest:g} mm, larger than it learned to reject"
         if not judged:
             continue
         missing = [i for i in judged if i not in patches]

@@ -7,14 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from operators.cascade_fp import (filter_candidates, hessian_features, load_cascade, multiscale_patches, stage_probability,
-                                  whole_candidate_zoom)
+from operators.cascade_fp import (equivalent_diameter_mm, filter_candidates, hessian_features, load_cascade,
+                                  multiscale_patches, stage_probability, whole_candidate_zoom)
 from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
+from training.cross_validate_cascade import without_patient
 from training.mine_candidates import match_candidates, near_misses
-from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, export_stage, shipped_members,
-                                    threshold_for_retention, train_cnn, train_feature_classifier)
+from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, export_stage,
+                                    judged_size_limit, shipped_members, threshold_for_retention, train_cnn,
+                                    train_feature_classifier)
 
 SPEC = {"fov_mm": [20, 40, 80], "size": 24, "intensity_window_hu": [-1000, 400]}
 FEATURE_STAGE = shipped_feature_stage(min_long_axis_mm=10.0)  # the tests' sizes assume a 10 mm rule
@@ -262,7 +264,14 @@ def test_stages_run_in_order_and_the_score_is_the_last_probability(tmp_path):
     assert result.labels.max() == 2
 
 
-def test_a_learned_stage_does_not_judge_masses_larger_than_it_was_trained_on(tmp_path):
+def test_a_learned_stage_judges_the_sizes_at_which_it_saw_both_classes():
+    """Up to the smaller of the largest true and the largest false training candidate (equivalent diameters)."""
+    features = [{"volume_ml": ml} for ml in (0.5, 4.0, 1.0, 30.0)]
+    assert judged_size_limit(features, np.array([0, 0, 1, 1])) == pytest.approx(equivalent_diameter_mm(4.0))
+    assert judged_size_limit(features, np.array([0, 0, 1, 0])) == pytest.approx(equivalent_diameter_mm(1.0))
+
+
+def test_a_learned_stage_does_not_judge_masses_larger_than_it_learned_to_reject(tmp_path):
     """A mass whose volume's sphere is wider than the stage's `max_equivalent_diameter_mm` passes it unjudged
     (noted), however it would score; a smaller one, and a long thin one, are judged."""
     hu, labels = _lung(), np.zeros(SHAPE, np.int32)
@@ -281,7 +290,7 @@ def test_a_learned_stage_does_not_judge_masses_larger_than_it_was_trained_on(tmp
     small, mass, thin = sorted(result.features, key=lambda f: f["long_axis_mm"])
     assert small["dropped_by"].startswith("cnn: probability") and thin["dropped_by"].startswith("cnn: probability")
     assert "dropped_by" not in mass and "cnn_probability" not in mass
-    assert mass["cnn_not_judged"] == "a mass over the 20 mm it was trained on"
+    assert mass["cnn_not_judged"] == "a mass over 20 mm, larger than it learned to reject"
     assert result.labels.max() == 1 and result.scores == [pytest.approx(1.0)]
 
 
@@ -292,3 +301,13 @@ def test_the_repository_cascade_loads():
     for stage in cascade["stages"]:
         if stage["type"] == "torchscript":
             assert 0.0 <= stage["threshold"] < 1.0 and isinstance(stage["module"], torch.jit.ScriptModule)
+
+
+def test_a_cross_validation_fold_leaves_out_every_mined_case_of_its_patient(tmp_path):
+    mined = tmp_path / "mined"
+    mined.mkdir()
+    for name in ("qin_lsc_0014_s0", "qin_lsc_0014_s1", "qin_lsc_0028_s0", "phantom_01000"):
+        (mined / f"{name}.npz").write_bytes(b"")
+    (subset,) = without_patient([mined], "qin_lsc_0014", tmp_path / "fold")
+    assert sorted(p.name for p in subset.glob("*.npz")) == ["phantom_01000.npz", "qin_lsc_0028_s0.npz"]
+    assert all(p.resolve().parent == mined.resolve() for p in subset.glob("*.npz"))

@@ -19,10 +19,12 @@ stages (--stages), in order of cost:
 Both use class-balanced BCE (positive weight = false / true). The CNN stage is the mean probability of
 one network per seed (`--seeds`), each trained for `--epochs` with a cosine learning-rate decay and
 taken at its last epoch: validation never picks weights, it only sets thresholds. With --init DIR the CNN
-members start from the ensemble exported in DIR (fine-tuning, e.g. on candidates mined from real backgrounds). Each stage's
-threshold is the highest that keeps >= `retention` of the true validation candidates reaching it, and
-its `max_equivalent_diameter_mm` that of the largest true training candidate (larger masses pass it
-unjudged in the app).
+members start from the ensemble exported in DIR (fine-tuning, e.g. on candidates mined from real backgrounds).
+Each stage's `max_equivalent_diameter_mm` is the largest size at which it saw both classes: the smaller of the
+largest true and the largest false training candidate (equivalent diameter). Larger candidates pass it
+unjudged in the app: a stage that never saw a false candidate that large has learned nothing that tells
+such a mass from a lesion. Its threshold is the highest that keeps >= `retention` of the true validation
+candidates that reach it and that it judges.
 Writes OUT/<stage>.ts (TorchScript, probability [N]) and OUT/model.json (stages, thresholds, the
 training record).
 """
@@ -268,6 +270,12 @@ def _counts(data: dict) -> dict:
 LEARNED_STAGES = ("feature_classifier", "multiscale_cnn")
 
 
+def judged_size_limit(features: list[dict], labels: np.ndarray) -> float:
+    """The largest equivalent diameter (mm) at which these training candidates hold both true and false ones."""
+    sizes = np.array([equivalent_diameter_mm(f["volume_ml"]) for f in features])
+    return float(min(sizes[labels == 1].max(), sizes[labels == 0].max()))
+
+
 def shipped_members(init_dir: Path, count: int) -> list[MultiscaleCNN]:
     """The members of the multiscale CNN ensemble exported in `init_dir` (its .ts weights, as eager modules)."""
     ensemble = MeanProbability([MultiscaleCNN() for _ in range(count)])
@@ -321,19 +329,24 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
             val_p = predict(model, val["patches"][val_index])
             example = torch.from_numpy(train["patches"][index[:4]].astype(np.float32))
             stage = {"input": "patches"}
+        largest = round(judged_size_limit([train["features"][i] for i in index], y), 1)
+        judged = np.array([equivalent_diameter_mm(val["features"][i]["volume_ml"]) <= largest for i in val_index], bool)
+        val_p, val_y = val_p[judged], val_y[judged]
         threshold = threshold_for_retention(val_p[val_y == 1], retention)
         export_stage(model, example, out / f"{name}.ts")
-        largest = max(equivalent_diameter_mm(train["features"][i]["volume_ml"]) for i, label in zip(index, y) if label)
         stage = {"order": next_order, "name": name, "type": "torchscript", "file": f"{name}.ts", **stage,
-                 "threshold": threshold, "max_equivalent_diameter_mm": round(largest, 1)}
+                 "threshold": threshold, "max_equivalent_diameter_mm": largest}
         next_order += 1
         stages.append({**stage, "module": torch.jit.load(str(out / f"{name}.ts"))})
         kept_true, kept_false = (val_p[val_y == 1] >= threshold).mean(), (val_p[val_y == 0] >= threshold).mean()
         record["stages"][name] = {"threshold": threshold, "validation_true_kept": float(kept_true),
-                                  "validation_false_kept": float(kept_false), "history": history,
+                                  "validation_false_kept": float(kept_false),
+                                  "validation_judged": {"true": int((val_y == 1).sum()), "false": int((val_y == 0).sum())},
+                                  "history": history,
                                   "seconds": time.perf_counter() - stage_start}
-        log(f"{name}: threshold {threshold:.4f} keeps {kept_true:.3f} of true and {kept_false:.3f} of false "
-            f"validation candidates ({time.perf_counter() - stage_start:.0f} s)")
+        log(f"{name}: judges candidates up to {largest:.1f} mm (equivalent diameter); threshold {threshold:.4f} "
+            f"keeps {kept_true:.3f} of the {(val_y == 1).sum()} true and {kept_false:.3f} of the {(val_y == 0).sum()} "
+            f"false validation candidates it judges ({time.perf_counter() - stage_start:.0f} s)")
     cascade["stages"] = [{k: v for k, v in s.items() if k != "module"} for s in stages]
     cascade["training"] = record
     (out / "model.json").write_text(json.dumps(cascade, indent=2) + "\n")
