@@ -1,10 +1,10 @@
 """Training cases from real chest CT with partial truth: synthetic lesions inserted into real anatomy.
 
     python -m training.real_backgrounds --real-train ../shared/data/real-train --out data/real_backgrounds \
-        --seeds 3 [--count 6]
+        --seeds 3 [--count 6] [--kinds node perihilar]
 
 For each case of --real-train (one outlined target lesion per patient, others possibly unlabelled) and each
-seed, lesions of every kind (training.lesions; 5-90 mm, nodes in the mediastinum) are inserted away from
+seed, lesions of every kind (training.lesions; 5-90 mm, nodes in the mediastinum; --kinds: only these) are inserted away from
 the regions that may hold a real lesion, and the case is written as a Decathlon-style dataset:
 imagesTr/<case>_s<seed>.nii.gz, labelsTr/<same> (inserted lesions 1..n, IGNORE where the loss must not
 look) and dataset.json. The real anatomy around the inserted lesions (hila, mediastinum, vessels, upper
@@ -30,7 +30,7 @@ from operators.cascade_fp import filter_candidates, load_cascade
 from operators.lesion_segmentation import extract_candidates, prepared_network
 from operators.thorax_crop import crop_thorax
 from training.evaluate_real import REPO, case_probability, list_cases, network_config, network_key
-from training.lesions import estimate_noise_and_blur, insert_lesions
+from training.lesions import KIND_WEIGHTS, estimate_noise_and_blur, insert_lesions
 from training.nifti import write_nifti
 from training.real_cases import real_case_arrays
 from training.train import IGNORE
@@ -66,7 +66,7 @@ def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cac
 
 
 def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Path, cascade_dir: Path,
-               cache: Path, log=print) -> list[dict]:
+               cache: Path, kinds: list[str] | None = None, log=print) -> list[dict]:
     seg_config = network_config(seg_dir)
     model = prepared_network(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts"))), "cpu")
     cascade = load_cascade(cascade_dir)
@@ -86,7 +86,8 @@ def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Pat
         for seed in range(seeds):
             rng = np.random.default_rng([seed, len(items)])
             image, labels, lesions = insert_lesions(hu, spacing, lungs & ~ignore, mediastinum, rng, count,
-                                                    blur_sigma_mm=blur, noise_sd_hu=noise_sd, size_range_mm=SIZE_RANGE_MM)
+                                                    blur_sigma_mm=blur, noise_sd_hu=noise_sd, size_range_mm=SIZE_RANGE_MM,
+                                                    kinds=kinds)
             labels[ignore & (labels == 0)] = IGNORE
             case = f"{folder.name}_s{seed}"
             write_nifti(out / "imagesTr" / f"{case}.nii.gz", np.clip(np.rint(image), -1024, 3071).astype(np.int16),
@@ -110,11 +111,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, default=3, help="cases per real background")
     parser.add_argument("--count", type=int, default=6, help="lesions inserted per case (fewer where room lacks)")
+    parser.add_argument("--kinds", nargs="+", choices=sorted(KIND_WEIGHTS), help="only these kinds (default: all)")
     parser.add_argument("--seg-model", type=Path, default=REPO / "models" / "lesion_seg")
     parser.add_argument("--cascade", type=Path, default=REPO / "models" / "cascade_fp")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "probability_cache")
     args = parser.parse_args(argv)
-    make_cases(args.real_train, args.out, args.seeds, args.count, args.seg_model, args.cascade, args.cache)
+    make_cases(args.real_train, args.out, args.seeds, args.count, args.seg_model, args.cascade, args.cache, args.kinds)
 
 
 if __name__ == "__main__":
