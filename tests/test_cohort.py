@@ -42,7 +42,7 @@ def cohort_input(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cohort")
     tree = root / "tree"
     _study(tree / "ward 1" / "Doe^Jane", 5, 2)
-    _study(tree / "ward 1" / "lesion free", 6, 0)
+    _study(tree / "ward 1" / "lesion free", 7, 0)  # the stand-in network finds nothing the cascade keeps here
     (tree / "ward 2" / "broken").mkdir(parents=True)
     for path in sorted((tree / "ward 1" / "Doe^Jane").glob("*.dcm"))[:3]:  # 3 slices: too few
         (tree / "ward 2" / "broken" / path.name).write_bytes(path.read_bytes())
