@@ -209,6 +209,12 @@ def equivalent_diameter_mm(volume_ml: float) -> float:
     return float((6000.0 * volume_ml / np.pi) ** (1 / 3))
 
 
+def stage_judges(stage: dict, feature: dict) -> bool:
+    """Whether a learned stage judges this candidate: a sphere of its volume is no wider than the stage's
+    `max_equivalent_diameter_mm` (larger candidates pass the stage unjudged)."""
+    return equivalent_diameter_mm(feature["volume_ml"]) <= stage.get("max_equivalent_diameter_mm", np.inf)
+
+
 def _feature_stage_rejects(feature: dict, thresholds: dict) -> str | None:
     """Why the feature stage drops a candidate, or None to keep it."""
     low_hu, high_hu = thresholds["mean_hu"]
@@ -252,10 +258,10 @@ def run_stages(features: list[dict], stages: list[dict], patches_of: Callable[[l
                 if reason:
                     features[i]["dropped_by"] = f"{stage['name']}: {reason}"
             continue
-        largest = stage.get("max_equivalent_diameter_mm", np.inf)
-        judged = [i for i in alive if equivalent_diameter_mm(features[i]["volume_ml"]) <= largest]
+        judged = [i for i in alive if stage_judges(stage, features[i])]
         for i in set(alive) - set(judged):
-            features[i][f"{stage['name']}_not_judged"] = f"a mass over {largest:g} mm, larger than it learned to reject"
+            features[i][f"{stage['name']}_not_judged"] = (f"a mass over {stage['max_equivalent_diameter_mm']:g} mm, "
+                                                          "larger than it learned to reject")
         if not judged:
             continue
         missing = [i for i in judged if i not in patches]

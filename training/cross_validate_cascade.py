@@ -52,9 +52,13 @@ def fold_row(patient: str, report: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| patient (held out) | targets found | target Dice | lost at | unlabelled findings |", "|---|---|---|---|---|"]
-    lines += [f"| {r['patient']} | {r['found']} / {r['targets']} | {', '.join(f'{d:.3f}' for d in r['dice'] if d is not None) or '-'}"
-              f" | {'; '.join(x for x in r['lost_at'] if x) or '-'} | {r['unlabelled_findings']} |" for r in rows]
+    lines = ["| patient (held out) | targets found | target Dice | lost at | unlabelled findings |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        dice = ", ".join(f"{d:.3f}" for d in r["dice"] if d is not None) or "-"
+        lost_at = "; ".join(x for x in r["lost_at"] if x) or "-"
+        found = f"{r['found']} / {r['targets']}"
+        lines.append(f"| {r['patient']} | {found} | {dice} | {lost_at} | {r['unlabelled_findings']} |")
     found, targets = sum(r["found"] for r in rows), sum(r["targets"] for r in rows)
     findings = sum(r["unlabelled_findings"] for r in rows) / max(len(rows), 1)
     lines.append(f"| all ({len(rows)} folds) | {found} / {targets} | | | {findings:.1f} per scan |")

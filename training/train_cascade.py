@@ -42,7 +42,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from operators.cascade_fp import cell_centres, equivalent_diameter_mm, run_stages
+from operators.cascade_fp import cell_centres, equivalent_diameter_mm, run_stages, stage_judges
 
 # + every hessian_* measure of the patch spec; not the network's probabilities, which differ between the
 # mining networks and are below the operating threshold for every near miss by construction
@@ -329,24 +329,27 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
             val_p = predict(model, val["patches"][val_index])
             example = torch.from_numpy(train["patches"][index[:4]].astype(np.float32))
             stage = {"input": "patches"}
-        largest = round(judged_size_limit([train["features"][i] for i in index], y), 1)
-        judged = np.array([equivalent_diameter_mm(val["features"][i]["volume_ml"]) <= largest for i in val_index], bool)
+        largest = judged_size_limit([train["features"][i] for i in index], y)
+        size_limit = {"max_equivalent_diameter_mm": round(largest, 1)}
+        judged = np.array([stage_judges(size_limit, val["features"][i]) for i in val_index], bool)
         val_p, val_y = val_p[judged], val_y[judged]
+        judged_counts = {"true": int((val_y == 1).sum()), "false": int((val_y == 0).sum())}
         threshold = threshold_for_retention(val_p[val_y == 1], retention)
         export_stage(model, example, out / f"{name}.ts")
         stage = {"order": next_order, "name": name, "type": "torchscript", "file": f"{name}.ts", **stage,
-                 "threshold": threshold, "max_equivalent_diameter_mm": largest}
+                 "threshold": threshold, **size_limit}
         next_order += 1
         stages.append({**stage, "module": torch.jit.load(str(out / f"{name}.ts"))})
         kept_true, kept_false = (val_p[val_y == 1] >= threshold).mean(), (val_p[val_y == 0] >= threshold).mean()
         record["stages"][name] = {"threshold": threshold, "validation_true_kept": float(kept_true),
                                   "validation_false_kept": float(kept_false),
-                                  "validation_judged": {"true": int((val_y == 1).sum()), "false": int((val_y == 0).sum())},
+                                  "validation_judged": judged_counts,
                                   "history": history,
                                   "seconds": time.perf_counter() - stage_start}
-        log(f"{name}: judges candidates up to {largest:.1f} mm (equivalent diameter); threshold {threshold:.4f} "
-            f"keeps {kept_true:.3f} of the {(val_y == 1).sum()} true and {kept_false:.3f} of the {(val_y == 0).sum()} "
-            f"false validation candidates it judges ({time.perf_counter() - stage_start:.0f} s)")
+        log(f"{name}: judges candidates up to {size_limit['max_equivalent_diameter_mm']:.1f} mm (equivalent diameter); "
+            f"threshold {threshold:.4f} keeps {kept_true:.3f} of the {judged_counts['true']} true and {kept_false:.3f} "
+            f"of the {judged_counts['false']} false validation candidates it judges "
+            f"({time.perf_counter() - stage_start:.0f} s)")
     cascade["stages"] = [{k: v for k, v in s.items() if k != "module"} for s in stages]
     cascade["training"] = record
     (out / "model.json").write_text(json.dumps(cascade, indent=2) + "\n")
