@@ -10,11 +10,11 @@ import pytest
 from scipy import ndimage
 
 from training.insert_lesions import main, read_dicom_series
-from training.lesions import KIND_WEIGHTS, estimate_noise_and_blur, insert_lesions
+from training.lesions import DEFAULT_KINDS, KIND_WEIGHTS, estimate_noise_and_blur, insert_lesions
 from training.nifti import read_nifti, write_nifti
 
 SPACING = (2.0, 1.25, 1.25)
-SOLID_KINDS = ["solid", "lobulated", "spiculated", "juxtapleural", "juxtavascular", "perihilar"]
+SOLID_KINDS = ["solid", "lobulated", "spiculated", "juxtapleural", "juxtavascular", "perihilar", "mass"]
 
 
 def torso(blur_mm=0.0, noise_sd=0.0, seed=0):
@@ -99,6 +99,8 @@ def test_each_kind_renders_with_its_hu(background, kind):
             assert 15 <= np.median(values) <= 65 and mask[mediastinum].sum() == mask.sum()
         elif kind == "ggo":
             assert -650 <= np.median(values) <= -300
+        elif kind == "faint_ggo":
+            assert -850 <= np.median(values) <= -500
         elif kind == "part_solid":
             assert np.median(values) < -300 and values.max() > -50
         elif kind == "cavitating":
@@ -107,14 +109,19 @@ def test_each_kind_renders_with_its_hu(background, kind):
             assert mask[lungs].sum() == mask.sum()
 
 
-def test_juxtapleural_touches_chest_wall_and_juxtavascular_a_vessel(background):
+@pytest.mark.parametrize("kind", ["juxtapleural", "mass"])
+def test_pleural_kinds_touch_chest_wall_or_mediastinum(background, kind):
     hu, lungs, _ = background
-    chest_wall = ~lungs & (hu > -300)
-    vessels = lungs & (hu > -300)
-    _, labels, lesions = insert(background, seed=3, count=4, kinds=["juxtapleural"], size_range_mm=(5, 30))
+    wall = ~lungs & (hu > -300)
+    _, labels, lesions = insert(background, seed=3, count=4, kinds=[kind], size_range_mm=(5, 90))
     assert lesions
     for lesion in lesions:
-        assert (ndimage.binary_dilation(labels == lesion["label"], iterations=2) & chest_wall).any()
+        assert (ndimage.binary_dilation(labels == lesion["label"], iterations=2) & wall).any()
+
+
+def test_juxtavascular_touches_a_vessel(background):
+    hu, lungs, _ = background
+    vessels = lungs & (hu > -300)
     _, labels, lesions = insert(background, seed=3, count=4, kinds=["juxtavascular"], size_range_mm=(5, 30))
     assert lesions
     for lesion in lesions:
@@ -123,8 +130,9 @@ def test_juxtapleural_touches_chest_wall_and_juxtavascular_a_vessel(background):
 
 
 def test_size_distribution(background):
-    diameters = [lesion["diameter_mm"] for seed in range(6) for lesion in insert(background, seed=10 + seed, count=10)[2]]
-    diameters = np.array(diameters)
+    lesions = [lesion for seed in range(6) for lesion in insert(background, seed=10 + seed, count=10)[2]]
+    assert {lesion["kind"] for lesion in lesions} <= set(DEFAULT_KINDS)  # masses and faint ground glass only when named
+    diameters = np.array([lesion["diameter_mm"] for lesion in lesions])
     assert diameters.min() >= 3 and diameters.max() <= 60
     assert np.median(diameters) < 20 and (diameters < 10).sum() > (diameters >= 40).sum()  # more small than big
     assert 0.3 <= (diameters >= 10).mean() <= 0.9  # and plenty of measurable ones

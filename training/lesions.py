@@ -19,6 +19,11 @@ Kinds (HU before blur/noise):
   juxtavascular solid/lobulated/spiculated, touching a lung vessel (lung voxel > -300 HU)
   perihilar     solid/lobulated/spiculated at the medial lung border at hilum height
   node          mediastinal lymph node: 20-60 HU ovoid in the mediastinum beside a lung
+
+Drawn only when named in `kinds` (not in the default mix, which the phantom generator uses):
+  mass          30-100 mm solid/lobulated tumour, 10-50 HU (a necrotic centre at times), flattened against
+                the chest wall, the paravertebral gutter or the mediastinum
+  faint_ggo     faint pure ground glass, -800..-550 HU, 8-45 mm, against the pleura half the time
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ from scipy import ndimage
 KIND_WEIGHTS = {
     "solid": 0.17, "lobulated": 0.12, "spiculated": 0.11, "part_solid": 0.08, "ggo": 0.06,
     "cavitating": 0.06, "juxtapleural": 0.14, "juxtavascular": 0.12, "perihilar": 0.07, "node": 0.07,
+    "mass": 0.12, "faint_ggo": 0.08,
 }
+DEFAULT_KINDS = ("solid", "lobulated", "spiculated", "part_solid", "ggo", "cavitating", "juxtapleural",
+                 "juxtavascular", "perihilar", "node")
 SIZE_LIMITS_MM = {"ggo": (5, 30), "part_solid": (8, 40), "cavitating": (12, 60), "spiculated": (6, 40),
-                  "perihilar": (10, 60), "node": (8, 35)}
+                  "perihilar": (10, 60), "node": (8, 35), "mass": (30, 100), "faint_ggo": (8, 45)}
+PLEURAL_KINDS = ("juxtapleural", "mass")  # placed against the pleura, partly outside the lung
 PLACEMENT_TRIES = 40
 VESSEL_HU = -300.0
 AIR_HU = -1000.0
@@ -44,8 +53,8 @@ def insert_lesions(hu: np.ndarray, spacing, lungs: np.ndarray, mediastinum: np.n
                    size_range_mm=(3, 60), kinds=None):
     """Insert up to `count` non-overlapping lesions into a copy of `hu` ([z, y, x] float, spacing (z, y, x) mm).
 
-    `lungs` and `mediastinum` are bool masks (no mediastinum: no nodes); `kinds` restricts the kinds
-    drawn (default: all, weighted by KIND_WEIGHTS). blur_sigma_mm is the scanner PSF (a float or
+    `lungs` and `mediastinum` are bool masks (no mediastinum: no nodes); `kinds` names the kinds
+    drawn (default: DEFAULT_KINDS), weighted by KIND_WEIGHTS. blur_sigma_mm is the scanner PSF (a float or
     (z, y, x)); noise_sd_hu > 0 adds noise of that SD where the lesion replaces the background.
     Returns (hu with lesions float32, int16 instance labels 1..n, one dict per lesion). Fewer than
     `count` lesions are inserted where no place is found for them.
@@ -54,7 +63,7 @@ def insert_lesions(hu: np.ndarray, spacing, lungs: np.ndarray, mediastinum: np.n
     labels = np.zeros(hu.shape, np.int16)
     scene = _Scene(hu, np.asarray(spacing, float), lungs, mediastinum,
                    np.broadcast_to(np.asarray(blur_sigma_mm, float), (3,)), float(noise_sd_hu), rng)
-    kinds = [k for k in (kinds or KIND_WEIGHTS) if mediastinum is not None or k != "node"]
+    kinds = [k for k in (kinds or DEFAULT_KINDS) if mediastinum is not None or k != "node"]
     weights = np.array([KIND_WEIGHTS[k] for k in kinds])
     lesions = []
     for _ in range(count):
@@ -138,13 +147,14 @@ class _Scene:
         for attempt in range(PLACEMENT_TRIES):
             size = diameter * (0.85 ** (attempt // 10))  # shrink when there is no room
             form = kind if kind in ("lobulated", "spiculated") else "solid"
-            if kind in ("juxtapleural", "juxtavascular", "perihilar"):
-                form = str(rng.choice(["solid", "lobulated", "spiculated"] if kind != "juxtapleural" else ["solid", "lobulated"]))
-            shape = _Shape(rng, size / 2, form, elongation=0.3 if kind == "node" else 0.15)
-            centre = self._centre(kind, shape.radius)
-            if centre is None or not self._may_fit(kind, centre, shape.radius, labels):
+            if kind in ("juxtapleural", "juxtavascular", "perihilar", "mass"):
+                form = str(rng.choice(["solid", "lobulated"] if kind in PLEURAL_KINDS else ["solid", "lobulated", "spiculated"]))
+            shape = _Shape(rng, size / 2, form, elongation=0.3 if kind in ("node", "mass") else 0.15)
+            pleural = kind in PLEURAL_KINDS or (kind == "faint_ggo" and rng.random() < 0.5)
+            centre = self._centre(kind, shape.radius, pleural)
+            if centre is None or not self._may_fit(kind, centre, shape.radius, labels, pleural):
                 continue
-            drawn = self._render(shape, centre, kind, labels)
+            drawn = self._render(shape, centre, kind, labels, pleural)
             if drawn is not None:
                 box, alpha, region = drawn
                 self._blend(box, alpha, self._lesion_hu(kind, shape, box, centre))
@@ -161,12 +171,16 @@ class _Scene:
         point = self.lung_points[self.rng.integers(len(self.lung_points))]
         return point + np.r_[0, self.rng.integers(0, 4, 2)]
 
-    def _centre(self, kind: str, radius: float) -> np.ndarray | None:
+    def _centre(self, kind: str, radius: float, pleural: bool) -> np.ndarray | None:
         """A candidate centre (voxel, integer z, y, x) for a lesion of this kind, or None."""
         rng, sp = self.rng, self.spacing
-        if kind == "juxtapleural":
+        if pleural:  # toward the chest wall; a mass also toward the paravertebral gutter or the mediastinum
             start = self._random_lung_point()
-            outward = np.r_[rng.uniform(-0.3, 0.3), rng.uniform(-1, 1), np.sign(start[2] - self.midline_x) or 1.0]
+            lateral = np.sign(start[2] - self.midline_x) or 1.0
+            outward = np.r_[rng.uniform(-0.3, 0.3), rng.uniform(-1, 1), lateral]
+            if kind == "mass":
+                outward = [outward, np.r_[0, 1, rng.uniform(-0.5, 0.5) * lateral], np.r_[0, rng.uniform(-0.5, 0.5), -lateral]][
+                    rng.integers(3)]
             edge = self._march(start, outward / np.linalg.norm(outward), self.lungs)
             if edge is None or self.original[tuple(edge)] < -300:  # must end at the chest wall
                 return None
@@ -194,7 +208,7 @@ class _Scene:
             return np.array([z, y, int(round(medial + side * shift))])
         return self._random_lung_point()
 
-    def _may_fit(self, kind: str, centre, radius: float, labels: np.ndarray) -> bool:
+    def _may_fit(self, kind: str, centre, radius: float, labels: np.ndarray, pleural: bool) -> bool:
         """Cheap test before drawing: free of other lesions, and inside its region at a few points."""
         points = np.rint(centre + SPHERE_POINTS * 0.7 * radius / self.spacing).astype(int)
         if np.any(points < 0) or np.any(points >= self.hu.shape):
@@ -204,7 +218,7 @@ class _Scene:
             return False
         if kind == "node":
             return bool(self.mediastinum[tuple(centre)])
-        if kind in ("juxtapleural", "perihilar"):
+        if pleural or kind == "perihilar":
             return bool(self.lungs[tuple(centre)])
         return bool(self.lungs[index].all())
 
@@ -220,7 +234,7 @@ class _Scene:
         return None
 
     # --- drawing -----------------------------------------------------------------------------
-    def _render(self, shape: _Shape, centre, kind: str, labels: np.ndarray):
+    def _render(self, shape: _Shape, centre, kind: str, labels: np.ndarray, pleural: bool):
         """(box, coverage alpha, region mask) if the lesion fits at centre, else None."""
         margin = shape.extent + 3 * self.blur_mm.max() + 2 * self.spacing.max()
         half = np.ceil(margin / self.spacing).astype(int)
@@ -244,12 +258,12 @@ class _Scene:
                 return None
         else:
             region = self.lungs[box]
-            allowed_outside = 0.4 if kind in ("juxtapleural", "perihilar") else 0.02
+            allowed_outside = 0.4 if pleural or kind == "perihilar" else 0.02
             if (inside & ~region).sum() > allowed_outside * inside.sum():
                 return None
             if kind == "juxtavascular" and not self._touches_vessel(box, inside):
                 return None
-        if kind in ("juxtapleural", "perihilar", "node"):
+        if pleural or kind in ("perihilar", "node"):
             alpha = alpha * region  # flattened against the pleura / kept in the mediastinum
         near = ndimage.binary_dilation(alpha >= 0.5, iterations=2)
         if (labels[box][near] > 0).any() or not (alpha >= 0.5).any():
@@ -271,6 +285,8 @@ class _Scene:
         solid = u(10, 50) + self._texture(box_shape, u(6, 14), 1.5)
         if kind == "node":
             return u(25, 50) + self._texture(box_shape, 5, 2.0)
+        if kind == "faint_ggo":
+            return u(-800, -550) + self._texture(box_shape, u(20, 40), 1.5)
         if kind in ("ggo", "part_solid"):
             glass = u(-600, -350) + self._texture(box_shape, u(25, 50), 1.5)
             if kind == "ggo":
@@ -280,6 +296,9 @@ class _Scene:
         if kind == "cavitating":
             cavity = self._inner(shape, box, centre, u(0.35, 0.65))
             return solid + (AIR_HU - solid) * cavity
+        if kind == "mass" and rng.random() < 0.4:  # necrotic centre: fluid density, no air
+            necrosis = self._inner(shape, box, centre, u(0.3, 0.6))
+            return solid + (u(0, 20) - solid) * necrosis
         return solid
 
     def _inner(self, shape: _Shape, box, centre, fraction: float) -> np.ndarray:

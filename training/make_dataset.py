@@ -1,6 +1,9 @@
 """Build a Decathlon-style phantom dataset: imagesTr/, labelsTr/ (instance labels), dataset.json.
 
     python -m training.make_dataset --out data/phantoms --count 100 --first-seed 1000 --workers 2
+    python -m training.make_dataset --out data/phantoms_wide --count 12 --first-seed 1100 \
+        --kinds solid lobulated spiculated part_solid ggo cavitating juxtapleural juxtavascular perihilar node mass faint_ggo \
+        --max-lesion-mm 100
 
 Seeds are disjoint by purpose: training 1000+, validation 2000+, held-out evaluation 3000+.
 """
@@ -14,10 +17,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from training.lesions import KIND_WEIGHTS
+
 log = logging.getLogger("make_dataset")
 
 
-def _make_case(out: Path, seed: int) -> dict:
+def _make_case(out: Path, seed: int, kinds: list[str] | None, max_lesion_mm: float) -> dict:
     import torch
 
     from training.phantom import generate_phantom
@@ -28,7 +33,7 @@ def _make_case(out: Path, seed: int) -> dict:
     image, label = out / "imagesTr" / f"{name}.nii.gz", out / "labelsTr" / f"{name}.nii.gz"
     meta = out / "labelsTr" / f"{name}.json"
     if not meta.exists():  # resumable: a case is complete once its description is written
-        phantom = generate_phantom(seed)
+        phantom = generate_phantom(seed, kinds=kinds, max_lesion_mm=max_lesion_mm)
         write_phantom_nifti(phantom, image, label)
         description = {"seed": seed, "spacing_mm": phantom.spacing, "scanner": vars(phantom.scanner),
                        "lesions": phantom.lesions}
@@ -36,14 +41,15 @@ def _make_case(out: Path, seed: int) -> dict:
     return {"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"}
 
 
-def make_dataset(out: Path, count: int, first_seed: int, workers: int = 2) -> Path:
+def make_dataset(out: Path, count: int, first_seed: int, workers: int = 2, kinds: list[str] | None = None,
+                 max_lesion_mm: float = 60.0) -> Path:
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     seeds = list(range(first_seed, first_seed + count))
     t0 = time.perf_counter()
     items = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for k, item in enumerate(pool.map(_make_case, [out] * count, seeds), 1):
+        for k, item in enumerate(pool.map(_make_case, [out] * count, seeds, [kinds] * count, [max_lesion_mm] * count), 1):
             items.append(item)
             log.info("%d/%d cases (%.0f s)", k, count, time.perf_counter() - t0)
     spec = {
@@ -67,9 +73,11 @@ def main(argv=None) -> None:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--first-seed", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--kinds", nargs="+", choices=sorted(KIND_WEIGHTS), help="lesion kinds (default: DEFAULT_KINDS)")
+    parser.add_argument("--max-lesion-mm", type=float, default=60.0, help="largest lesion diameter drawn")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(make_dataset(args.out, args.count, args.first_seed, args.workers))
+    print(make_dataset(args.out, args.count, args.first_seed, args.workers, args.kinds, args.max_lesion_mm))
 
 
 if __name__ == "__main__":

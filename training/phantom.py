@@ -395,8 +395,9 @@ def _to_scanner_grid(volume: np.ndarray, shape, mode="trilinear") -> np.ndarray:
 
 
 def generate_phantom(seed: int, lesion_count: int | None = None, scanner: Scanner | None = None,
-                     slices: int | None = None) -> Phantom:
-    """One synthetic chest CT study. lesion_count None draws 0-10 lesions; slices None covers the thorax."""
+                     slices: int | None = None, kinds: list[str] | None = None, max_lesion_mm: float = 60.0) -> Phantom:
+    """One synthetic chest CT study. lesion_count None draws 0-10 lesions; slices None covers the thorax;
+    kinds: the lesion kinds drawn (default: training.lesions.DEFAULT_KINDS), none larger than max_lesion_mm."""
     rng = np.random.default_rng(seed)
     scanner = scanner or Scanner.random(rng)
     fov = scanner.rows * scanner.pixel_mm
@@ -421,7 +422,8 @@ def generate_phantom(seed: int, lesion_count: int | None = None, scanner: Scanne
     t0 = time.perf_counter()
     if lesion_count is None:
         lesion_count = int(rng.choice(11, p=np.r_[0.08, np.full(10, 0.092)]))
-    hu, label, lesions = insert_lesions(hu, spacing, lungs, mediastinum, rng, lesion_count, blur_sigma_mm=blur)
+    hu, label, lesions = insert_lesions(hu, spacing, lungs, mediastinum, rng, lesion_count, blur_sigma_mm=blur,
+                                        size_range_mm=(3, max_lesion_mm), kinds=kinds)
     timings["lesions"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

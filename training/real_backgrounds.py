@@ -4,7 +4,7 @@
         --seeds 3 [--count 6] [--kinds node perihilar]
 
 For each case of --real-train (one outlined target lesion per patient, others possibly unlabelled) and each
-seed, lesions of every kind (training.lesions; 5-90 mm, nodes in the mediastinum; --kinds: only these) are inserted away from
+seed, lesions (training.lesions: its default kinds, or --kinds; 5-90 mm, nodes in the mediastinum) are inserted away from
 the regions that may hold a real lesion, and the case is written as a Decathlon-style dataset:
 imagesTr/<case>_s<seed>.nii.gz, labelsTr/<same> (inserted lesions 1..n, IGNORE where the loss must not
 look) and dataset.json. The real anatomy around the inserted lesions (hila, mediastinum, vessels, upper
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, default=3, help="cases per real background")
     parser.add_argument("--count", type=int, default=6, help="lesions inserted per case (fewer where room lacks)")
-    parser.add_argument("--kinds", nargs="+", choices=sorted(KIND_WEIGHTS), help="only these kinds (default: all)")
+    parser.add_argument("--kinds", nargs="+", choices=sorted(KIND_WEIGHTS), help="these kinds (default: training.lesions.DEFAULT_KINDS)")
     parser.add_argument("--seg-model", type=Path, default=REPO / "models" / "lesion_seg")
     parser.add_argument("--cascade", type=Path, default=REPO / "models" / "cascade_fp")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "probability_cache")
