@@ -54,6 +54,12 @@ def test_deterministic_by_seed():
     assert not np.array_equal(a.hu, c.hu)
 
 
+def test_named_kinds_and_largest_size():
+    phantom = generate_phantom(6, lesion_count=3, scanner=SMALL, slices=64, kinds=["mass"], max_lesion_mm=100)
+    assert phantom.lesions and {lesion["kind"] for lesion in phantom.lesions} == {"mass"}
+    assert all(30 <= lesion["diameter_mm"] <= 100 for lesion in phantom.lesions)
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_dicom_and_nifti_round_trip(tmp_path, signed):
     scanner = Scanner(**{**vars(SMALL), "signed_storage": signed})
