@@ -3,7 +3,7 @@
 # make package: build the MAP image (Docker with buildx and access to nvcr.io), or where Docker is absent
 #   write and check its build context in build/map (deploy/package.py).
 # make evaluate: the whole app's analysis (thorax box, network, cascade) on real CT and phantoms: validation
-#   (real-train, 20 validation phantoms) then test (the test-only real cases, 30 held-out phantoms); per lesion
+#   (real-train, 20 validation phantoms, 12 with every lesion kind up to 100 mm) then test (the test-only real cases, 30 held-out phantoms); per lesion
 #   found or not and the step that lost it, per false lesion its size and place (runs/eval_real/*/report.md).
 PYTHON ?= python3
 VENV := .venv
@@ -40,10 +40,13 @@ package: $(VENV)/.ready
 
 REAL ?= ../shared/data/real
 REAL_TRAIN ?= ../shared/data/real-train
+ALL_KINDS := solid lobulated spiculated part_solid ggo cavitating juxtapleural juxtavascular perihilar node mass faint_ggo
 evaluate: $(VENV)/.ready
 	$(PY) -m training.make_dataset --out data/val --count 20 --first-seed 2000
+	$(PY) -m training.make_dataset --out data/val_wide --count 12 --first-seed 2100 --kinds $(ALL_KINDS) --max-lesion-mm 100
 	$(PY) -m training.make_dataset --out data/heldout --count 30 --first-seed 3000
 	$(PY) -m training.evaluate_real --set "real-train (validation)" $(REAL_TRAIN) --set "validation phantoms" data/val \
+		--set "validation phantoms, wide kinds" data/val_wide \
 		--out runs/eval_real/validation
 	$(PY) -m training.evaluate_real --set "real (test only)" $(REAL) --set "held-out phantoms" data/heldout \
 		--out runs/eval_real/test
