@@ -36,8 +36,8 @@ KIND_WEIGHTS = {
     "cavitating": 0.06, "juxtapleural": 0.14, "juxtavascular": 0.12, "perihilar": 0.07, "node": 0.07,
     "mass": 0.12, "faint_ggo": 0.08,
 }
-DEFAULT_KINDS = ("solid", "lobulated", "spiculated", "part_solid", "ggo", "cavitating", "juxtapleural",
-                 "juxtavascular", "perihilar", "node")
+NAMED_ONLY_KINDS = ("mass", "faint_ggo")  # drawn only when named in `kinds`
+DEFAULT_KINDS = tuple(kind for kind in KIND_WEIGHTS if kind not in NAMED_ONLY_KINDS)
 SIZE_LIMITS_MM = {"ggo": (5, 30), "part_solid": (8, 40), "cavitating": (12, 60), "spiculated": (6, 40),
                   "perihilar": (10, 60), "node": (8, 35), "mass": (30, 100), "faint_ggo": (8, 45)}
 PLEURAL_KINDS = ("juxtapleural", "mass")  # placed against the pleura, partly outside the lung
@@ -179,8 +179,9 @@ class _Scene:
             lateral = np.sign(start[2] - self.midline_x) or 1.0
             outward = np.r_[rng.uniform(-0.3, 0.3), rng.uniform(-1, 1), lateral]
             if kind == "mass":
-                outward = [outward, np.r_[0, 1, rng.uniform(-0.5, 0.5) * lateral], np.r_[0, rng.uniform(-0.5, 0.5), -lateral]][
-                    rng.integers(3)]
+                posterior = np.r_[0, 1, rng.uniform(-0.5, 0.5) * lateral]
+                medial = np.r_[0, rng.uniform(-0.5, 0.5), -lateral]
+                outward = (outward, posterior, medial)[rng.integers(3)]
             edge = self._march(start, outward / np.linalg.norm(outward), self.lungs)
             if edge is None or self.original[tuple(edge)] < -300:  # must end at the chest wall
                 return None
