@@ -13,7 +13,8 @@ from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
 from training.real_backgrounds import make_cases, mediastinum_mask
 from training.real_cases import real_case_arrays
-from training.train import IGNORE, PRESETS, binary_target, build_network, dice_ce_loss, learning_rate, train
+from training.train import (IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target, build_network, dice_ce_loss,
+                            learning_rate, train)
 
 TINY = dict(PRESETS["cpu"], filters=[4, 8, 16], patch_size=[16, 32, 32], batch_size=4, samples_per_volume=4,
             iterations=60, validate_every=60, learning_rate=1e-2, threads=2)
@@ -80,6 +81,19 @@ def test_wall_clock_budget_ends_training(dataset, tmp_path):
     state = train([dataset], tmp_path, dict(TINY, iterations=10_000, validate_every=10_000, max_minutes=0.4))
     assert 0 < state["iteration"] < 10_000
     assert json.loads((tmp_path / "history.json").read_text())[-1]["iteration"] == state["iteration"]
+
+
+def test_thick_slice_augmentation_blurs_the_image_along_z_only_and_only_where_asked():
+    image = torch.zeros(1, 12, 4, 4)
+    image[:, 6] = 1.0  # one bright slice
+    thick = RandThickSlicesd(keys="image", prob=1.0, slabs=(3, 3))({"image": image, "label": image})
+    assert thick["label"] is image and thick["image"].shape == image.shape
+    profile = thick["image"][0, :, 2, 2]
+    assert profile.max() < 0.5 and profile.sum() == pytest.approx(1.0, abs=0.05) and profile[3:11].sum() == profile.sum()
+    assert torch.equal(thick["image"][0, :, 0, 0], profile)  # each slice stays uniform in-plane
+    def steps(preset):
+        return [type(step).__name__ for step in augmentation(PRESETS[preset])]
+    assert "RandThickSlicesd" in steps("finetune_scanners") and "RandThickSlicesd" not in steps("finetune")
 
 
 def test_loss_is_monai_dice_ce_and_blind_to_ignored_voxels():

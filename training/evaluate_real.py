@@ -112,7 +112,8 @@ def load_case(path: Path) -> tuple[str, np.ndarray, np.ndarray, tuple, dict]:
     truth, _ = read_nifti(path.parents[1] / "labelsTr" / path.name)
     described = json.loads((path.parents[1] / "labelsTr" / f"{name}.json").read_text())
     lesions = [{"id": lesion["label"], "kind": lesion["kind"]} for lesion in described["lesions"]]
-    return name, np.asarray(hu, np.float32), np.rint(truth).astype(np.int16), spacing, {"lesions": lesions}
+    return (name, np.asarray(hu, np.float32), np.rint(truth).astype(np.int16), spacing,
+            {"lesions": lesions, "partial_truth": described.get("partial_truth", False)})
 
 
 def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache: Path) -> dict:

@@ -41,6 +41,9 @@ PRESETS = {
     "finetune": dict(MODEL, patch_size=[48, 96, 96], batch_size=2, samples_per_volume=2, iterations=600,
                      learning_rate=3e-4, validate_every=600, threads=2, loader_workers=0, init="models/lesion_seg"),
 }
+# Other scanners on the same cases: slices up to 8 mm thick, up to 45 HU more noise (training.scanner_variants).
+PRESETS["finetune_scanners"] = dict(PRESETS["finetune"], thick_slices_prob=0.3, thick_slices_work=[2, 4],
+                                    noise_std=0.03)
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
 BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion of the case
@@ -85,19 +88,48 @@ def patch_centres(config: dict) -> list:
     ]
 
 
+class RandThickSlicesd(mt.RandomizableTransform, mt.MapTransform):
+    """A thicker slice reconstruction of the image ([channel, z, y, x] on the working grid): the mean over slabs of
+    `slabs` (low, high) working slices, interpolated back to every slice. Labels are left as they are."""
+
+    def __init__(self, keys, prob: float, slabs: tuple[int, int]):
+        mt.RandomizableTransform.__init__(self, prob)
+        mt.MapTransform.__init__(self, keys)
+        self.slabs = slabs
+        self.slab = slabs[0]
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self.slab = int(self.R.randint(self.slabs[0], self.slabs[1] + 1))
+
+    def __call__(self, data):
+        result = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return result
+        for key in self.key_iterator(result):
+            image = torch.as_tensor(result[key])[None]
+            slabs = torch.nn.functional.avg_pool3d(image, (self.slab, 1, 1), ceil_mode=True)
+            result[key] = torch.nn.functional.interpolate(slabs, size=image.shape[2:], mode="trilinear")[0]
+        return result
+
+
 def augmentation(config: dict) -> list:
     """Random patches centred on each lesion equally often (small ones as often as large ones) or on body,
-    then binary labels, flips and intensity jitter."""
+    then binary labels, thicker slices (where the config asks), flips and intensity jitter."""
+    thick_slices = [RandThickSlicesd(keys="image", prob=config["thick_slices_prob"],
+                                     slabs=tuple(config["thick_slices_work"]))] if "thick_slices_prob" in config else []
     return [
         mt.RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=config["patch_size"],
                                    ratios=[BACKGROUND_RATIO] + [1] * MAX_LESIONS, num_classes=MAX_LESIONS + 1,
                                    num_samples=config["samples_per_volume"], indices_key="label_cls_indices",
                                    warn=False),
         mt.Lambdad(keys="label", func=binary_target),
+        *thick_slices,
         mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),  # left-right
         mt.RandScaleIntensityd(keys="image", factors=0.05, prob=0.3),
         mt.RandShiftIntensityd(keys="image", offsets=0.02, prob=0.3),
-        mt.RandGaussianNoised(keys="image", prob=0.2, std=0.01),
+        mt.RandGaussianNoised(keys="image", prob=0.2, std=config.get("noise_std", 0.01)),
         mt.RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.3, 0.8), sigma_y=(0.3, 0.8), sigma_z=(0.3, 0.8)),
     ]
 

@@ -1,0 +1,48 @@
+"""Real CT as other scanners would image it (training.scanner_variants), read back by training.evaluate_real."""
+
+import json
+
+import numpy as np
+
+from training.evaluate_real import load_case
+from training.nifti import write_nifti
+from training.scanner_variants import low_dose, sharp_kernel, thicker_slices
+
+
+def _case():
+    hu = np.full((9, 32, 32), -850.0, np.float32)
+    labels = np.zeros(hu.shape, np.int16)
+    hu[2:6, 10:20, 10:20], labels[2:6, 10:20, 10:20] = 30.0, 2  # a lesion on slices 2-5
+    return hu, labels, (3.0, 0.7, 0.7)
+
+
+def test_thicker_slices_average_slabs_and_keep_each_lesion_where_it_fills_half_the_slab():
+    hu, labels, spacing = _case()
+    image, truth, thick_spacing = thicker_slices(hu, labels, spacing, 3)
+    assert image.shape == (3, 32, 32) and thick_spacing == (9.0, 0.7, 0.7)
+    assert np.allclose(image[:, 15, 15], [(-850 - 850 + 30) / 3, 30.0, -850.0])
+    assert truth[:, 15, 15].tolist() == [0, 2, 0]  # the slabs hold the lesion in 1, 3 and 0 of their 3 slices
+    assert set(np.unique(truth)) == {0, 2}
+
+
+def test_low_dose_adds_noise_and_the_sharp_kernel_only_changes_edges():
+    hu, labels, spacing = _case()
+    noisy, same_labels, same_spacing = low_dose(hu, labels, spacing)
+    assert same_labels is labels and same_spacing == spacing
+    assert 45 < float((noisy - hu).std()) < 55
+    sharp, _, _ = sharp_kernel(hu, labels, spacing)
+    assert np.allclose(sharp[:, 0, 0], hu[:, 0, 0]) and np.allclose(sharp[3, 15, 15], hu[3, 15, 15], atol=1e-3)
+    assert sharp[3, 10, 10] > hu[3, 10, 10]  # the lesion's edge overshoots
+
+
+def test_a_variant_case_keeps_its_partial_truth(tmp_path):
+    hu, labels, spacing = _case()
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+    write_nifti(tmp_path / "imagesTr" / "case.nii.gz", hu, spacing)
+    write_nifti(tmp_path / "labelsTr" / "case.nii.gz", labels, spacing)
+    (tmp_path / "labelsTr" / "case.json").write_text(json.dumps(
+        {"partial_truth": True, "lesions": [{"label": 2, "kind": "target"}]}))
+    name, _, truth, _, described = load_case(tmp_path / "imagesTr" / "case.nii.gz")
+    assert name == "case" and described["partial_truth"] and described["lesions"] == [{"id": 2, "kind": "target"}]
+    assert np.array_equal(truth, labels)

@@ -1,0 +1,90 @@
+"""Real CT as other scanners would image it: validation sets for robustness on real anatomy.
+
+    python -m training.scanner_variants --real ../shared/data/real-train --out data/scanner_variants
+
+Each case folder of --real (real_cases layout: dicom/, truth.json, truth.npz) is written once per variant, as a
+Decathlon-style set OUT/<variant>/ (imagesTr, labelsTr with each case's lesion list, partial truth kept) that
+training.evaluate_real reads:
+- `slices_6mm`, `slices_9mm`: thicker slices, the mean over slabs of 2 or 3 slices (from 3 mm slices: 6 and 9 mm,
+  the range of older and low-dose protocols); a voxel of the truth is lesion where at least half its slab was;
+- `low_dose`: 50 HU more noise, slightly correlated in-plane like reconstructed CT noise;
+- `sharp_kernel`: a lung (edge-enhancing) kernel, the image plus 1.5 times its detail above a 1-voxel blur.
+Only real-train may be varied for validation; the test-only cases stay untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from training.nifti import write_nifti
+from training.real_cases import real_case_arrays
+
+LOW_DOSE_NOISE_HU = 50.0
+SHARP_KERNEL_GAIN = 1.5
+
+
+def thicker_slices(hu: np.ndarray, labels: np.ndarray, spacing, slab: int):
+    """Slabs of `slab` slices averaged (labels: each lesion where it filled at least half the slab); a partial last
+    slab is dropped."""
+    count = hu.shape[0] // slab * slab
+    image = hu[:count].reshape(-1, slab, *hu.shape[1:]).mean(axis=1)
+    slabs = labels[:count].reshape(-1, slab, *labels.shape[1:])
+    thick = np.zeros(image.shape, np.int16)
+    for lesion in np.unique(slabs[slabs > 0]):
+        thick[2 * (slabs == lesion).sum(axis=1) >= slab] = lesion
+    return image, thick, (spacing[0] * slab, spacing[1], spacing[2])
+
+
+def low_dose(hu: np.ndarray, labels: np.ndarray, spacing, seed: int = 0):
+    noise = np.random.default_rng(seed).normal(0.0, 1.0, hu.shape).astype(np.float32)
+    noise = ndimage.gaussian_filter(noise, (0, 0.7, 0.7))
+    return hu + noise * (LOW_DOSE_NOISE_HU / noise.std()), labels, spacing
+
+
+def sharp_kernel(hu: np.ndarray, labels: np.ndarray, spacing):
+    return hu + SHARP_KERNEL_GAIN * (hu - ndimage.gaussian_filter(hu, (0, 1.0, 1.0))), labels, spacing
+
+
+VARIANTS = {
+    "slices_6mm": lambda hu, labels, spacing: thicker_slices(hu, labels, spacing, 2),
+    "slices_9mm": lambda hu, labels, spacing: thicker_slices(hu, labels, spacing, 3),
+    "low_dose": low_dose,
+    "sharp_kernel": sharp_kernel,
+}
+
+
+def write_variants(real_dir: Path, out: Path, log=print) -> list[str]:
+    """Every case of `real_dir` in every variant under `out`; returns the case names."""
+    cases = sorted(p for p in Path(real_dir).iterdir() if (p / "truth.json").is_file())
+    for case in cases:
+        hu, labels, spacing, _, _ = real_case_arrays(case)
+        truth = json.loads((case / "truth.json").read_text())
+        described = {"partial_truth": bool(truth.get("partial_truth")),
+                     "lesions": [{"label": int(lesion["id"]), "kind": lesion.get("kind", "")} for lesion in truth["lesions"]]}
+        for name, variant in VARIANTS.items():
+            image, truth_labels, variant_spacing = variant(hu.astype(np.float32), labels, spacing)
+            folder = Path(out) / name
+            (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+            (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+            write_nifti(folder / "imagesTr" / f"{case.name}.nii.gz", image.astype(np.float32), variant_spacing)
+            write_nifti(folder / "labelsTr" / f"{case.name}.nii.gz", truth_labels.astype(np.int16), variant_spacing)
+            (folder / "labelsTr" / f"{case.name}.json").write_text(json.dumps(described))
+        log(f"{case.name}: {len(VARIANTS)} variants", flush=True)
+    return [case.name for case in cases]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real", type=Path, required=True, help="real case folders (real-train, never the test set)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    write_variants(args.real, args.out)
+
+
+if __name__ == "__main__":
+    main()
