@@ -3,7 +3,8 @@
 # make package: build the MAP image (Docker with buildx and access to nvcr.io), or where Docker is absent
 #   write and check its build context in build/map (deploy/package.py).
 # make evaluate: the whole app's analysis (thorax box, network, cascade) on real CT and phantoms: validation
-#   (real-train, 20 validation phantoms, 12 with every lesion kind up to 100 mm) then test (the test-only real
+#   (real-train, and real-train as other scanners image it: 6 and 9 mm slices, low dose, sharp kernel; 20 validation
+#   phantoms, 12 with every lesion kind up to 100 mm) then test (the test-only real
 #   cases, 30 held-out phantoms); per lesion found or not and the step that lost it, per false lesion its size and
 #   place (runs/eval_real/*/report.md).
 PYTHON ?= python3
@@ -46,8 +47,10 @@ evaluate: $(VENV)/.ready
 	$(PY) -m training.make_dataset --out data/val --count 20 --first-seed 2000
 	$(PY) -m training.make_dataset --out data/val_wide --count 12 --first-seed 2100 --kinds $(ALL_KINDS) --max-lesion-mm 100
 	$(PY) -m training.make_dataset --out data/heldout --count 30 --first-seed 3000
+	$(PY) -m training.scanner_variants --real $(REAL_TRAIN) --out data/scanner_variants
 	$(PY) -m training.evaluate_real --set "real-train (validation)" $(REAL_TRAIN) --set "validation phantoms" data/val \
 		--set "validation phantoms, wide kinds" data/val_wide \
+		$(foreach v,slices_6mm slices_9mm low_dose sharp_kernel,--set "real-train, $(v)" data/scanner_variants/$(v)) \
 		--out runs/eval_real/validation
 	$(PY) -m training.evaluate_real --set "real (test only)" $(REAL) --set "held-out phantoms" data/heldout \
 		--out runs/eval_real/test

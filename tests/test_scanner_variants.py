@@ -3,8 +3,11 @@
 import json
 
 import numpy as np
+import torch
 
-from training.evaluate_real import load_case
+from operators.thorax_crop import ThoraxCrop
+from tests.conftest import WindowedSoftTissue
+from training.evaluate_real import case_probability, load_case
 from training.nifti import write_nifti
 from training.scanner_variants import low_dose, sharp_kernel, thicker_slices
 
@@ -46,3 +49,17 @@ def test_a_variant_case_keeps_its_partial_truth(tmp_path):
     name, _, truth, _, described = load_case(tmp_path / "imagesTr" / "case.nii.gz")
     assert name == "case" and described["partial_truth"] and described["lesions"] == [{"id": 2, "kind": "target"}]
     assert np.array_equal(truth, labels)
+
+
+def test_a_variant_never_reuses_the_cached_probability_of_its_case(tmp_path):
+    hu, _, spacing = _case()
+    whole = np.ones(hu.shape, bool)
+    thorax = ThoraxCrop(box=(slice(0, 9), slice(0, 32), slice(0, 32)), body=whole, lungs=whole, lung_volume_ml=1.0)
+    network = torch.jit.script(WindowedSoftTissue())
+    config = {"spacing_mm": [3.0, 1.4, 1.4], "intensity_window_hu": [-1000, 500], "patch_size": [16, 32, 32],
+              "overlap": 0.25, "precision": {}}
+    first = case_probability("case", hu, spacing, thorax, network, config, tmp_path)
+    cached = first.astype(np.float16).astype(np.float32)  # the cache keeps float16
+    assert np.array_equal(case_probability("case", hu, spacing, thorax, network, config, tmp_path), cached)
+    sharper, _, _ = sharp_kernel(hu, None, spacing)
+    assert not np.allclose(case_probability("case", sharper, spacing, thorax, network, config, tmp_path), cached)
