@@ -4,9 +4,8 @@
 #   write and check its build context in build/map (deploy/package.py).
 # make evaluate: the whole app's analysis (thorax box, network, cascade) on real CT and phantoms: validation
 #   (real-train, and real-train as other scanners image it: 6 and 9 mm slices, low dose, sharp kernel; 20 validation
-#   phantoms, 12 with every lesion kind up to 100 mm) then test (the test-only real
-#   cases, 30 held-out phantoms); per lesion found or not and the step that lost it, per false lesion its size and
-#   place (runs/eval_real/*/report.md).
+#   phantoms, 12 with every lesion kind up to 100 mm) then test (the test-only real cases, 30 held-out phantoms);
+#   per lesion found or not and the step that lost it, per false lesion its size and place (runs/eval_real/*/report.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -58,24 +58,23 @@ VARIANTS = {
 }
 
 
-def write_variants(real_dir: Path, out: Path, log=print) -> list[str]:
-    """Every case of `real_dir` in every variant under `out`; returns the case names."""
-    cases = sorted(p for p in Path(real_dir).iterdir() if (p / "truth.json").is_file())
-    for case in cases:
-        hu, labels, spacing, _, _ = real_case_arrays(case)
+def write_variants(real_dir: Path, out: Path, log=print) -> None:
+    """Every case of `real_dir` in every variant under `out`."""
+    for case in sorted(p for p in Path(real_dir).iterdir() if (p / "truth.json").is_file()):
+        hu, labels, spacing, origin, _ = real_case_arrays(case)
+        hu = hu.astype(np.float32)
         truth = json.loads((case / "truth.json").read_text())
         described = {"partial_truth": bool(truth.get("partial_truth")),
                      "lesions": [{"label": int(lesion["id"]), "kind": lesion.get("kind", "")} for lesion in truth["lesions"]]}
         for name, variant in VARIANTS.items():
-            image, truth_labels, variant_spacing = variant(hu.astype(np.float32), labels, spacing)
+            image, truth_labels, variant_spacing = variant(hu, labels, spacing)
             folder = Path(out) / name
             (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
             (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-            write_nifti(folder / "imagesTr" / f"{case.name}.nii.gz", image.astype(np.float32), variant_spacing)
-            write_nifti(folder / "labelsTr" / f"{case.name}.nii.gz", truth_labels.astype(np.int16), variant_spacing)
+            write_nifti(folder / "imagesTr" / f"{case.name}.nii.gz", image, variant_spacing, origin)
+            write_nifti(folder / "labelsTr" / f"{case.name}.nii.gz", truth_labels, variant_spacing, origin)
             (folder / "labelsTr" / f"{case.name}.json").write_text(json.dumps(described))
         log(f"{case.name}: {len(VARIANTS)} variants", flush=True)
-    return [case.name for case in cases]
 
 
 def main(argv=None) -> None:
