@@ -12,7 +12,8 @@ from operators.cascade_fp import (equivalent_diameter_mm, filter_candidates, hes
 from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
-from training.cross_validate_cascade import without_patient
+from training.cross_validate_cascade import patient_sets, without_patient
+from training.evaluate_real import list_cases
 from training.mine_candidates import match_candidates, near_misses
 from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, export_stage,
                                     judged_size_limit, shipped_members, threshold_for_retention, train_cnn,
@@ -311,3 +312,19 @@ def test_a_cross_validation_fold_leaves_out_every_mined_case_of_its_patient(tmp_
     (subset,) = without_patient([mined], "qin_lsc_0014", tmp_path / "fold")
     assert sorted(p.name for p in subset.glob("*.npz")) == ["phantom_01000.npz", "qin_lsc_0028_s0.npz"]
     assert all(p.resolve().parent == mined.resolve() for p in subset.glob("*.npz"))
+
+
+def test_a_cross_validation_fold_evaluates_its_patient_as_scanned_and_in_every_scanner_variant(tmp_path):
+    real_train, variants = tmp_path / "real-train", tmp_path / "variants"
+    for patient in ("qin_lsc_0014", "qin_lsc_0028"):
+        (real_train / patient).mkdir(parents=True)
+        (real_train / patient / "truth.json").write_text("{}")
+        for variant in ("slices_6mm", "low_dose"):
+            for sub, suffix in (("imagesTr", ".nii.gz"), ("labelsTr", ".nii.gz"), ("labelsTr", ".json")):
+                (variants / variant / sub).mkdir(parents=True, exist_ok=True)
+                (variants / variant / sub / f"{patient}{suffix}").write_bytes(b"")
+    sets = patient_sets("qin_lsc_0014", real_train, variants, tmp_path / "fold")
+    assert sorted(sets) == ["real-train", "real-train, low_dose", "real-train, slices_6mm"]
+    assert [case.resolve() for case in list_cases(sets["real-train"])] == [(real_train / "qin_lsc_0014").resolve()]
+    assert [case.name for case in list_cases(sets["real-train, low_dose"])] == ["qin_lsc_0014.nii.gz"]
+    assert (sets["real-train, low_dose"] / "labelsTr" / "qin_lsc_0014.json").resolve().parent.parent.name == "low_dose"

@@ -8,8 +8,9 @@ import torch
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import WindowedSoftTissue
 from training.evaluate_real import case_probability, load_case
-from training.nifti import write_nifti
-from training.scanner_variants import low_dose, sharp_kernel, thicker_slices
+from training.nifti import read_nifti, write_nifti
+from training.scanner_variants import low_dose, sharp_kernel, thicker_slices, write_dataset_variants
+from training.train import IGNORE
 
 
 def _case():
@@ -26,6 +27,21 @@ def test_thicker_slices_average_slabs_and_keep_each_lesion_where_it_fills_half_t
     assert np.allclose(image[:, 15, 15], [(-850 - 850 + 30) / 3, 30.0, -850.0])
     assert truth[:, 15, 15].tolist() == [0, 2, 0]  # the slabs hold the lesion in 1, 3 and 0 of their 3 slices
     assert set(np.unique(truth)) == {0, 2}
+
+
+def test_a_training_set_keeps_its_ignore_regions_wherever_a_thick_slab_touches_one(tmp_path):
+    hu, labels, spacing = _case()
+    labels[8, 0:4, 0:4] = IGNORE  # one slice of the last slab: IGNORE all the same
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+    write_nifti(tmp_path / "imagesTr" / "case_s0.nii.gz", hu, spacing)
+    write_nifti(tmp_path / "labelsTr" / "case_s0.nii.gz", labels, spacing)
+    (tmp_path / "labelsTr" / "case_s0.json").write_text(json.dumps({"ignore_label": IGNORE, "lesions": []}))
+    write_dataset_variants(tmp_path / "imagesTr", tmp_path / "labelsTr", tmp_path / "out", log=lambda *a, **k: None)
+    truth, thick_spacing = read_nifti(tmp_path / "out" / "slices_9mm" / "labelsTr" / "case_s0.nii.gz")
+    assert thick_spacing[0] == 9.0 and truth[2, 0, 0] == IGNORE and truth[1, 15, 15] == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["low_dose", "sharp_kernel", "slices_6mm", "slices_9mm"]
+    assert (tmp_path / "out" / "low_dose" / "labelsTr" / "case_s0.json").is_file()
 
 
 def test_low_dose_adds_noise_and_the_sharp_kernel_only_changes_edges():

@@ -1,10 +1,14 @@
 """Real CT as other scanners would image it: validation sets for robustness on real anatomy.
 
     python -m training.scanner_variants --real ../shared/data/real-train --out data/scanner_variants
+    python -m training.scanner_variants --images data/real_backgrounds/imagesTr --labels data/real_backgrounds/labelsTr \
+        --out data/real_backgrounds_variants
 
 Each case folder of --real (real_cases layout: dicom/, truth.json, truth.npz) is written once per variant, as a
 Decathlon-style set OUT/<variant>/ (imagesTr, labelsTr with each case's lesion list, partial truth kept) that
-training.evaluate_real reads:
+training.evaluate_real reads. A Decathlon-style training set (--images, --labels: training.real_backgrounds) is
+written the same way, for mining the cascade's candidates (training.mine_candidates); its IGNORE regions are kept,
+on thick slices wherever a slab holds any IGNORE voxel. The variants:
 - `slices_6mm`, `slices_9mm`: thicker slices, the mean over slabs of 2 or 3 slices (from 3 mm slices: 6 and 9 mm,
   the range of older and low-dose protocols); a voxel of the truth is lesion where at least half its slab was;
 - `low_dose`: 50 HU more noise, slightly correlated in-plane like reconstructed CT noise;
@@ -21,22 +25,25 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from training.nifti import write_nifti
+from training.nifti import read_nifti, write_nifti
 from training.real_cases import real_case_arrays
+from training.train import IGNORE
 
+SUFFIX = ".nii.gz"
 LOW_DOSE_NOISE_HU = 50.0
 SHARP_KERNEL_GAIN = 1.5
 
 
 def thicker_slices(hu: np.ndarray, labels: np.ndarray, spacing, slab: int):
-    """Slabs of `slab` slices averaged (labels: each lesion where it filled at least half the slab); a partial last
-    slab is dropped."""
+    """Slabs of `slab` slices averaged (labels: each lesion where it filled at least half the slab, IGNORE where the
+    slab holds any); a partial last slab is dropped."""
     count = hu.shape[0] // slab * slab
     image = hu[:count].reshape(-1, slab, *hu.shape[1:]).mean(axis=1)
     slabs = labels[:count].reshape(-1, slab, *labels.shape[1:])
     thick = np.zeros(image.shape, np.int16)
     for lesion in np.unique(slabs[slabs > 0]):
         thick[2 * (slabs == lesion).sum(axis=1) >= slab] = lesion
+    thick[(slabs == IGNORE).any(axis=1)] = IGNORE
     return image, thick, (spacing[0] * slab, spacing[1], spacing[2])
 
 
@@ -58,31 +65,56 @@ VARIANTS = {
 }
 
 
+def write_case_variants(name: str, hu: np.ndarray, labels: np.ndarray, spacing, origin, described: dict,
+                        out: Path) -> None:
+    """One case in every variant: OUT/<variant>/imagesTr/<name>.nii.gz, labelsTr/<name>.nii.gz and .json."""
+    hu = hu.astype(np.float32)
+    for variant_name, variant in VARIANTS.items():
+        image, truth_labels, variant_spacing = variant(hu, labels, spacing)
+        folder = Path(out) / variant_name
+        (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+        write_nifti(folder / "imagesTr" / f"{name}.nii.gz", image, variant_spacing, origin)
+        write_nifti(folder / "labelsTr" / f"{name}.nii.gz", truth_labels, variant_spacing, origin)
+        (folder / "labelsTr" / f"{name}.json").write_text(json.dumps(described))
+
+
 def write_variants(real_dir: Path, out: Path, log=print) -> None:
-    """Every case of `real_dir` in every variant under `out`."""
+    """Every case of `real_dir` (real_cases layout) in every variant under `out`."""
     for case in sorted(p for p in Path(real_dir).iterdir() if (p / "truth.json").is_file()):
         hu, labels, spacing, origin, _ = real_case_arrays(case)
-        hu = hu.astype(np.float32)
         truth = json.loads((case / "truth.json").read_text())
         described = {"partial_truth": bool(truth.get("partial_truth")),
                      "lesions": [{"label": int(lesion["id"]), "kind": lesion.get("kind", "")} for lesion in truth["lesions"]]}
-        for name, variant in VARIANTS.items():
-            image, truth_labels, variant_spacing = variant(hu, labels, spacing)
-            folder = Path(out) / name
-            (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-            (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-            write_nifti(folder / "imagesTr" / f"{case.name}.nii.gz", image, variant_spacing, origin)
-            write_nifti(folder / "labelsTr" / f"{case.name}.nii.gz", truth_labels, variant_spacing, origin)
-            (folder / "labelsTr" / f"{case.name}.json").write_text(json.dumps(described))
+        write_case_variants(case.name, hu, labels, spacing, origin, described, out)
         log(f"{case.name}: {len(VARIANTS)} variants", flush=True)
+
+
+def write_dataset_variants(images: Path, labels: Path, out: Path, log=print) -> None:
+    """Every case of a Decathlon-style set (images, instance labels with IGNORE, each case's .json) under `out`."""
+    for image_path in sorted(Path(images).glob(f"*{SUFFIX}")):
+        name = image_path.name[:-len(SUFFIX)]
+        hu, spacing = read_nifti(image_path)
+        truth, _ = read_nifti(Path(labels) / image_path.name)
+        described = json.loads((Path(labels) / f"{name}.json").read_text())
+        write_case_variants(name, hu, truth.astype(np.int16), spacing, (0.0, 0.0, 0.0), described, out)
+        log(f"{name}: {len(VARIANTS)} variants", flush=True)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real", type=Path, required=True, help="real case folders (real-train, never the test set)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--real", type=Path, help="real case folders (real-train, never the test set)")
+    source.add_argument("--images", type=Path, help="a Decathlon-style training set's images (with --labels)")
+    parser.add_argument("--labels", type=Path, help="its instance labels and per-case .json")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    write_variants(args.real, args.out)
+    if args.real:
+        write_variants(args.real, args.out)
+    elif args.labels:
+        write_dataset_variants(args.images, args.labels, args.out)
+    else:
+        parser.error("--images needs --labels")
 
 
 if __name__ == "__main__":
