@@ -12,7 +12,7 @@ from operators.cascade_fp import (equivalent_diameter_mm, filter_candidates, hes
 from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
-from training.cross_validate_cascade import patient_sets, without_patient
+from training.cross_validate_cascade import patient_sets, shipped_learned_stages, without_patient
 from training.evaluate_real import list_cases
 from training.mine_candidates import match_candidates, near_misses
 from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, export_stage,
@@ -328,3 +328,7 @@ def test_a_cross_validation_fold_evaluates_its_patient_as_scanned_and_in_every_s
     assert [case.resolve() for case in list_cases(sets["real-train"])] == [(real_train / "qin_lsc_0014").resolve()]
     assert [case.name for case in list_cases(sets["real-train, low_dose"])] == ["qin_lsc_0014.nii.gz"]
     assert (sets["real-train, low_dose"] / "labelsTr" / "qin_lsc_0014.json").resolve().parent.parent.name == "low_dose"
+
+
+def test_a_cross_validation_fold_trains_only_the_learned_stages_that_ship():
+    assert shipped_learned_stages(REPO / "models" / "cascade_fp") == ["multiscale_cnn"]

@@ -10,8 +10,9 @@ evaluates that patient's scan as the other scanners image it.
         [--variants data/scanner_variants]
 
 A mined case belongs to a patient when its name starts with the patient's folder name (training.real_backgrounds
-names its cases <patient>_s<seed>). The segmentation network is not cross-validated (one fine-tuning takes
-36 min on this CPU); the real-train targets were IGNORE in its training and in the cascade's.
+names its cases <patient>_s<seed>). Each fold trains the learned stages that the base cascade ships (--base). The
+segmentation network is not cross-validated (one fine-tuning takes 36 min on this CPU); the real-train targets were
+IGNORE in its training and in the cascade's.
 Writes OUT/<patient>/ (the fold's cascade and evaluation) and OUT/report.md; prints the table.
 """
 
@@ -90,9 +91,16 @@ def patient_sets(patient: str, real_train: Path, variants: Path | None, folder: 
     return sets
 
 
+def shipped_learned_stages(base: Path) -> list[str]:
+    """The learned stages that the base cascade ships: a fold trains these and no others."""
+    return [stage["name"] for stage in json.loads((base / "model.json").read_text())["stages"]
+            if stage["type"] == "torchscript"]
+
+
 def cross_validate(real_train: Path, train_dirs: list[Path], val_dirs: list[Path], out: Path, base: Path,
                    seg_dir: Path, cache: Path, variants: Path | None = None, **training) -> list[dict]:
     rows, start = [], time.perf_counter()
+    learned = shipped_learned_stages(base)
     patients = [case.name for case in list_cases(real_train)]
     for number, patient in enumerate(patients, 1):
         fold = out / patient
@@ -100,7 +108,7 @@ def cross_validate(real_train: Path, train_dirs: list[Path], val_dirs: list[Path
         cascade_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(base / "model.json", cascade_dir / "model.json")
         train_cascade(without_patient(train_dirs, patient, fold / "train"), val_dirs, cascade_dir,
-                      log=lambda line: None, **training)
+                      learned=learned, log=lambda line: None, **training)
         evaluate_sets(patient_sets(patient, real_train, variants, fold / "cases"), seg_dir, cascade_dir,
                       fold / "evaluation", cache, log=lambda line, **_: None)
         fold_result = fold_rows(patient, json.loads((fold / "evaluation" / "report.json").read_text()))
