@@ -41,7 +41,7 @@ def thicker_slices(hu: np.ndarray, labels: np.ndarray, spacing, slab: int):
     image = hu[:count].reshape(-1, slab, *hu.shape[1:]).mean(axis=1)
     slabs = labels[:count].reshape(-1, slab, *labels.shape[1:])
     thick = np.zeros(image.shape, np.int16)
-    for lesion in np.unique(slabs[slabs > 0]):
+    for lesion in np.unique(slabs[(slabs > 0) & (slabs != IGNORE)]):
         thick[2 * (slabs == lesion).sum(axis=1) >= slab] = lesion
     thick[(slabs == IGNORE).any(axis=1)] = IGNORE
     return image, thick, (spacing[0] * slab, spacing[1], spacing[2])
@@ -74,8 +74,8 @@ def write_case_variants(name: str, hu: np.ndarray, labels: np.ndarray, spacing, 
         folder = Path(out) / variant_name
         (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
         (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-        write_nifti(folder / "imagesTr" / f"{name}.nii.gz", image, variant_spacing, origin)
-        write_nifti(folder / "labelsTr" / f"{name}.nii.gz", truth_labels, variant_spacing, origin)
+        write_nifti(folder / "imagesTr" / f"{name}{SUFFIX}", image, variant_spacing, origin)
+        write_nifti(folder / "labelsTr" / f"{name}{SUFFIX}", truth_labels, variant_spacing, origin)
         (folder / "labelsTr" / f"{name}.json").write_text(json.dumps(described))
 
 
