@@ -4,7 +4,8 @@ Plain functions, free of app state (training/evaluate imports them):
 - `predict_lesion_probability(hu, spacing, model, config, device)`: float32 probability on the input
   grid, following models/lesion_seg/model.json (docs/ARCHITECTURE.md): resample to `spacing_mm`,
   clip to `intensity_window_hu` and scale to [0, 1], sliding window over `patch_size` with `overlap`
-  in the device's `precision`, softmax channel 1, trilinear back to the input grid.
+  in the device's `precision`, softmax channel 1 (averaged over the mirrors of `mirror_axes`, where given),
+  trilinear back to the input grid.
 - `inference_precision(config, device)`: the precision the network runs in on this device.
 - `prepared_network(module, device)`: the TorchScript network on the device, frozen for inference.
 - `extract_candidates(probability, threshold, spacing)`: 26-connected instances above the
@@ -16,6 +17,7 @@ model.json beside it; it runs on CUDA when available.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -71,9 +73,16 @@ def prepared_network(module: torch.jit.ScriptModule, device) -> torch.jit.Script
     return torch.jit.freeze(module.to(device).eval())
 
 
+def mirrors(config: dict) -> list[tuple[int, ...]]:
+    """The tensor dimensions ([N, C, z, y, x]) flipped in each pass: every combination of model.json's
+    `mirror_axes` (z, y, x = 0, 1, 2), the unflipped pass first; one pass where none are given."""
+    dims = [axis + 2 for axis in config.get("mirror_axes", [])]
+    return [flipped for count in range(len(dims) + 1) for flipped in itertools.combinations(dims, count)]
+
+
 def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, device="cpu") -> np.ndarray:
     """Lesion probability (float32, the shape of `hu`) from a network with 2 output channels, run under autocast in
-    its `inference_precision`."""
+    its `inference_precision`, averaged over the `mirrors` of the image."""
     work_shape = np.maximum(np.round(np.asarray(hu.shape) * np.asarray(spacing) / config["spacing_mm"]), 1)
     low, high = config["intensity_window_hu"]
     precision = inference_precision(config, device)
@@ -85,10 +94,14 @@ def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, dev
     with torch.inference_mode():
         image = _resize(torch.as_tensor(hu, dtype=torch.float32, device=device)[None, None], work_shape)
         image = (image.clamp(low, high) - low) / (high - low)
-        logits = sliding_window_inference(image, config["patch_size"], config.get("sw_batch_size", 1), network,
-                                          overlap=config.get("overlap", 0.5), mode="gaussian")
-        probability = torch.softmax(logits, dim=1)[:, 1:2]
-        return _resize(probability, hu.shape)[0, 0].cpu().numpy()
+        passes = mirrors(config)
+        probability = torch.zeros_like(image)
+        for flipped in passes:
+            logits = sliding_window_inference(image.flip(flipped), config["patch_size"],
+                                              config.get("sw_batch_size", 1), network,
+                                              overlap=config.get("overlap", 0.5), mode="gaussian")
+            probability += torch.softmax(logits, dim=1)[:, 1:2].flip(flipped)
+        return _resize(probability / len(passes), hu.shape)[0, 0].cpu().numpy()
 
 
 def extract_candidates(probability: np.ndarray, threshold: float, spacing,

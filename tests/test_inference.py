@@ -1,5 +1,5 @@
-"""Inference settings and limits: the network's precision per device, the frozen network, the memory check, and the
-speed benchmark's own run (training.benchmark)."""
+"""Inference settings and limits: the network's precision per device, the frozen network, test-time mirroring, the
+memory check, and the speed benchmark's own run (training.benchmark)."""
 
 import json
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from operators.lesion_segmentation import (inference_precision, load_model_config, predict_lesion_probability,
-                                          prepared_network)
+from operators.lesion_segmentation import (inference_precision, load_model_config, mirrors,
+                                          predict_lesion_probability, prepared_network)
 from operators.series_selection import available_memory, check_memory
 from operators.volume import StudyError
 from tests.conftest import REPO
@@ -46,6 +46,24 @@ def test_frozen_network_and_shipped_precision_keep_the_probabilities():
     assert np.abs(shipped - reference).max() < 0.1  # 0.04 on a 300-slice study (models/lesion_seg/README.md)
     threshold = config["probability_threshold"]
     assert np.mean((shipped >= threshold) != (reference >= threshold)) < 1e-3
+
+
+def test_mirroring_averages_the_network_over_the_mirrored_images():
+    assert mirrors({}) == [()]
+    assert mirrors({"mirror_axes": [2]}) == [(), (4,)]
+    assert mirrors({"mirror_axes": [1, 2]}) == [(), (3,), (4,), (3, 4)]
+
+    def leftward(window: torch.Tensor) -> torch.Tensor:  # lesion logit rising along x: not mirror-symmetric
+        ramp = torch.linspace(-4, 4, window.shape[-1]).expand_as(window)
+        return torch.cat([torch.zeros_like(window), ramp], dim=1)
+
+    config = {"spacing_mm": [2.0, 1.5, 1.5], "intensity_window_hu": [-1000, 500], "patch_size": [8, 16, 16],
+              "overlap": 0.25}
+    hu = np.zeros((8, 16, 16), np.float32)
+    once = predict_lesion_probability(hu, config["spacing_mm"], leftward, config)
+    mirrored = predict_lesion_probability(hu, config["spacing_mm"], leftward, {**config, "mirror_axes": [2]})
+    assert np.allclose(mirrored, (once + once[..., ::-1]) / 2, atol=1e-6)
+    assert not np.allclose(once, once[..., ::-1], atol=0.1)
 
 
 def test_a_series_too_large_for_the_memory_is_refused():
