@@ -54,6 +54,11 @@ def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_pat
     assert summaries["phantoms"]["measurable_lesions"] == len(measurable)
     assert summaries["phantoms"]["false_positives"] == len(case["false_lesions"])
     assert "## Lesions" in (out / "report.md").read_text()
+    kinds = report["kinds"]["phantoms"]  # every measurable lesion under its kind: found, or lost at one step
+    assert sum(row["measurable"] for row in kinds) == len(measurable)
+    assert sum(row["found"] for row in kinds) == sum(lesion["found"] for lesion in measurable)
+    assert all(row["found"] + row["thorax box"] + row["segmentation"] + row["cascade"] == row["measurable"]
+               for row in kinds)
     rows = list(case["ablation"].values())  # segmentation alone, then each stage added: the last is the app
     assert rows[-1] == case["metrics"] and len(rows) == 3
     kept = [len(r["instances"]) for r in rows]  # each stage only drops

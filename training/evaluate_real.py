@@ -16,6 +16,7 @@ dropped the candidate that detected it. Partial truth (`"partial_truth": true`, 
 lesion outlined per patient): sensitivity and lesion Dice of the targets only; other kept lesions are
 listed as "unlabelled findings" (not proven false) and no FP rate or case Dice is given for such a set.
 
+Per lesion kind (where the truth names one), the measurable lesions found and the step that lost the others.
 Two more tables come from the same candidates: the ablation (segmentation alone, then the cascade's stages
 added in order, as training.ablation does on mined phantoms) and, per learned stage, its scores against the
 truth (candidates that detect a truth lesion, or not, per score bin: how far a score means the same on real
@@ -50,6 +51,7 @@ from training.real_cases import real_case_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 SCORE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+LOSING_STEPS = ("thorax box", "segmentation", "cascade")  # how a missed lesion's `lost_at` begins
 
 
 def network_config(seg_dir: Path, precision: str | None = None) -> dict:
@@ -216,6 +218,20 @@ def ablation_rows(cases: list[dict]) -> dict[str, dict]:
     return {row: summarize_set([case["ablation"][row] for case in cases], partial) for row in cases[0]["ablation"]}
 
 
+def kind_table(cases: list[dict]) -> list[dict]:
+    """Per lesion kind named by the truth: measurable lesions, those found, and per LOSING_STEPS those lost there."""
+    rows = {}
+    for lesion in (lesion for case in cases for lesion in case["lesions"] if lesion["measurable"] and lesion["kind"]):
+        row = rows.setdefault(lesion["kind"], {"kind": lesion["kind"], "measurable": 0, "found": 0,
+                                               **dict.fromkeys(LOSING_STEPS, 0)})
+        row["measurable"] += 1
+        if lesion["found"]:
+            row["found"] += 1
+        else:
+            row[next(step for step in LOSING_STEPS if lesion["lost_at"].startswith(step))] += 1
+    return [rows[kind] for kind in sorted(rows)]
+
+
 def score_table(cases: list[dict], stage: str) -> list[dict]:
     """Per SCORE_BINS bin of a learned stage's probability: the candidates it judged that detect a truth
     lesion (Dice >= 0.1) and the others (partial truth: not proven false)."""
@@ -234,8 +250,8 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict], ablations: dict[str, dict],
-                  scores: dict[str, dict[str, list[dict]]]) -> str:
+def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict], kinds: dict[str, list[dict]],
+                  ablations: dict[str, dict], scores: dict[str, dict[str, list[dict]]]) -> str:
     lines = ["## Lesions", "", "| set | case | lesion | diameter mm | kind | found | Dice | network max p | lost at |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, cases in sets.items():
@@ -246,6 +262,12 @@ def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict], ablat
                                  f"{lesion['kind'] or '-'} | {'yes' if lesion['found'] else 'NO'} | "
                                  f"{_fmt(lesion['dice'])} | {lesion['network_max_probability']} | "
                                  f"{lesion.get('lost_at', '')} |")
+    lines += ["", "## Lesion kinds: measurable lesions found, and where the others were lost", "",
+              "| set | kind | found / measurable | " + " | ".join(f"lost at {step}" for step in LOSING_STEPS) + " |",
+              "|---|---|---|" + "---|" * len(LOSING_STEPS)]
+    for name, rows in kinds.items():
+        lines += [f"| {name} | {r['kind']} | {r['found']} / {r['measurable']} | "
+                  + " | ".join(str(r[step]) for step in LOSING_STEPS) + " |" for r in rows]
     lines += ["", "## Kept instances touching no truth lesion (false lesions; partial truth: unlabelled findings)", "",
               "| set | case | long axis mm | volume ml | mean HU | score | place | centroid voxel z, y, x |",
               "|---|---|---|---|---|---|---|---|"]
@@ -299,10 +321,11 @@ def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: 
                 f"found, {len(case['false_lesions'])} other kept, {case['seconds']} s", flush=True)
     summaries = {name: summarize_set([case["metrics"] for case in cases], any(case["partial_truth"] for case in cases))
                  for name, cases in results.items()}
+    kinds = {name: kind_table(cases) for name, cases in results.items()}
     ablations = {name: ablation_rows(cases) for name, cases in results.items()}
     learned = [stage["name"] for stage in cascade["stages"] if stage["type"] == "torchscript"]
     scores = {name: {stage: score_table(cases, stage) for stage in learned} for name, cases in results.items()}
-    report = format_report(results, summaries, ablations, scores)
+    report = format_report(results, summaries, kinds, ablations, scores)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report)
     for cases in results.values():
@@ -310,7 +333,8 @@ def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: 
             case["metrics"] = asdict(case["metrics"])
             case["ablation"] = {row: asdict(metrics) for row, metrics in case["ablation"].items()}
     (out / "report.json").write_text(json.dumps({"seg_model": str(seg_dir), "cascade": str(cascade_dir),
-                                                 "sets": results, "summaries": summaries, "ablations": ablations,
+                                                 "sets": results, "summaries": summaries, "kinds": kinds,
+                                                 "ablations": ablations,
                                                  "scores": scores}, indent=1))
     log(report)
     return summaries
