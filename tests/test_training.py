@@ -112,14 +112,15 @@ def test_loss_is_monai_dice_ce_and_blind_to_ignored_voxels():
     assert not torch.allclose(dice_ce_loss(logits, target), expected)
 
 
-def test_mediastinum_is_the_soft_tissue_between_the_lungs():
+def test_mediastinum_is_the_fat_between_the_lungs():
     lungs = np.zeros((2, 10, 20), bool)
     lungs[:, 2:8, 2:7] = lungs[:, 2:8, 13:18] = True
-    hu = np.full(lungs.shape, 40.0)
+    hu = np.full(lungs.shape, -100.0)
     hu[:, :, 10] = -1000.0  # an air column (trachea) is no place for a node
+    hu[:, 5:8, 11:13] = 40.0  # nor the heart, a vessel or the oesophagus
     mask = mediastinum_mask(hu, lungs)
-    assert mask[:, 2:8, 7:10].all() and mask[:, 2:8, 11:13].all()
-    assert mask.sum() == 2 * 6 * 5 and not mask[:, :, 10].any()
+    assert mask[:, 2:8, 7:10].all() and mask[:, 2:5, 11:13].all()
+    assert mask.sum() == 2 * (6 * 3 + 3 * 2) and not mask[:, :, 10].any() and not mask[:, 5:8, 11:13].any()
 
 
 def test_real_backgrounds_keep_the_partial_truth_out_of_the_loss(tmp_path):

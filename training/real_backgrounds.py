@@ -4,7 +4,7 @@
         --seeds 3 [--count 6] [--kinds node perihilar]
 
 For each case of --real-train (one outlined target lesion per patient, others possibly unlabelled) and each
-seed, lesions (training.lesions: its default kinds, or --kinds; 5-90 mm, nodes in the mediastinum) are inserted away from
+seed, lesions (training.lesions: its default kinds, or --kinds; 5-90 mm, nodes in mediastinal fat) are inserted away from
 the regions that may hold a real lesion, and the case is written as a Decathlon-style dataset:
 imagesTr/<case>_s<seed>.nii.gz, labelsTr/<same> (inserted lesions 1..n, IGNORE where the loss must not
 look) and dataset.json. The real anatomy around the inserted lesions (hila, mediastinum, vessels, upper
@@ -36,11 +36,12 @@ from training.real_cases import real_case_arrays
 from training.train import IGNORE
 IGNORE_MARGIN_MM = 5.0
 SIZE_RANGE_MM = (5.0, 90.0)
-MEDIASTINUM_HU = (-120.0, 150.0)  # fat and soft tissue between the lungs, where nodes are placed
+# Mediastinal fat, where nodes lie and are placed (as in training.phantom); not the heart, vessels or oesophagus
+MEDIASTINAL_FAT_HU = (-200.0, -30.0)
 
 
 def mediastinum_mask(hu: np.ndarray, lungs: np.ndarray) -> np.ndarray:
-    """Fat and soft tissue between the two lungs, row by row of each axial slice (no lung on one side: none)."""
+    """Mediastinal fat between the two lungs, row by row of each axial slice (no lung on one side: none)."""
     mask = np.zeros(lungs.shape, bool)
     columns = np.arange(lungs.shape[2])
     for z in np.flatnonzero(lungs.any(axis=(1, 2))):
@@ -51,7 +52,7 @@ def mediastinum_mask(hu: np.ndarray, lungs: np.ndarray) -> np.ndarray:
             right, left = row[row < midline], row[row > midline]
             if len(right) and len(left):
                 mask[z, y] = (columns > right.max()) & (columns < left.min())
-    return mask & (hu >= MEDIASTINUM_HU[0]) & (hu <= MEDIASTINUM_HU[1])
+    return mask & (hu >= MEDIASTINAL_FAT_HU[0]) & (hu <= MEDIASTINAL_FAT_HU[1])
 
 
 def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache: Path, name: str) -> np.ndarray:
