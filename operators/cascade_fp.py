@@ -297,6 +297,11 @@ def filter_candidates(candidates: Candidates, hu: np.ndarray, spacing, thorax: T
     return CascadeResult(relabel(candidates.labels, renumber), [float(scores[k - 1]) for k in kept], features)
 
 
+def learned_stage_names(cascade: dict) -> list[str]:
+    """The names of the cascade's learned (TorchScript) stages, in model.json's order."""
+    return [stage["name"] for stage in cascade["stages"] if stage["type"] == "torchscript"]
+
+
 def load_cascade(model_dir: Path) -> dict:
     """model.json of the cascade with each learned stage's TorchScript module loaded (CPU, eval mode)."""
     model_dir = Path(model_dir)

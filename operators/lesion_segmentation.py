@@ -57,6 +57,10 @@ def _resize(volume: torch.Tensor, shape) -> torch.Tensor:
                                            align_corners=False)
 
 
+def _mirrored(volume: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return volume.flip(dims) if dims else volume  # no copy for the unmirrored pass
+
+
 def inference_precision(config: dict, device) -> torch.dtype:
     """The precision of model.json's `precision` for this device type: float32 where none is given, and for
     bfloat16 on a CPU without native bfloat16 (emulated, it is slower)."""
@@ -91,17 +95,21 @@ def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, dev
         with torch.autocast(torch.device(device).type, dtype=precision, enabled=precision != torch.float32):
             return model(window).float()
 
+    def lesion_channel(image: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:  # one pass, mirrored along dims
+        logits = sliding_window_inference(_mirrored(image, dims), config["patch_size"], config.get("sw_batch_size", 1),
+                                          network, overlap=config.get("overlap", 0.5), mode="gaussian")
+        return _mirrored(torch.softmax(logits, dim=1)[:, 1:2], dims)
+
     with torch.inference_mode():
         image = _resize(torch.as_tensor(hu, dtype=torch.float32, device=device)[None, None], work_shape)
         image = (image.clamp(low, high) - low) / (high - low)
-        passes = mirrors(config)
-        probability = torch.zeros_like(image)
-        for flipped in passes:
-            logits = sliding_window_inference(image.flip(flipped), config["patch_size"],
-                                              config.get("sw_batch_size", 1), network,
-                                              overlap=config.get("overlap", 0.5), mode="gaussian")
-            probability += torch.softmax(logits, dim=1)[:, 1:2].flip(flipped)
-        return _resize(probability / len(passes), hu.shape)[0, 0].cpu().numpy()
+        first, *others = mirrors(config)
+        probability = lesion_channel(image, first)
+        for dims in others:
+            probability += lesion_channel(image, dims)
+        if others:
+            probability /= 1 + len(others)
+        return _resize(probability, hu.shape)[0, 0].cpu().numpy()
 
 
 def extract_candidates(probability: np.ndarray, threshold: float, spacing,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from operators.cascade_fp import learned_stage_names
 from training.evaluate_real import REPO, evaluate_sets, list_cases
 from training.train_cascade import train_cascade
 
@@ -93,8 +94,7 @@ def patient_sets(patient: str, real_train: Path, variants: Path | None, folder: 
 
 def shipped_learned_stages(base: Path) -> list[str]:
     """The learned stages that the base cascade ships: a fold trains these and no others."""
-    return [stage["name"] for stage in json.loads((base / "model.json").read_text())["stages"]
-            if stage["type"] == "torchscript"]
+    return learned_stage_names(json.loads((base / "model.json").read_text()))
 
 
 def cross_validate(real_train: Path, train_dirs: list[Path], val_dirs: list[Path], out: Path, base: Path,

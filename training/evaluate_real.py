@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from operators.cascade_fp import filter_candidates, load_cascade
+from operators.cascade_fp import filter_candidates, learned_stage_names, load_cascade
 from operators.lesion_segmentation import (extract_candidates, load_model_config, predict_lesion_probability,
                                           prepared_network)
 from operators.measurements import axial_diameters, lesion_location
@@ -323,8 +323,8 @@ def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: 
                  for name, cases in results.items()}
     kinds = {name: kind_table(cases) for name, cases in results.items()}
     ablations = {name: ablation_rows(cases) for name, cases in results.items()}
-    learned = [stage["name"] for stage in cascade["stages"] if stage["type"] == "torchscript"]
-    scores = {name: {stage: score_table(cases, stage) for stage in learned} for name, cases in results.items()}
+    scores = {name: {stage: score_table(cases, stage) for stage in learned_stage_names(cascade)}
+              for name, cases in results.items()}
     report = format_report(results, summaries, kinds, ablations, scores)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(report)
