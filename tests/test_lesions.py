@@ -182,3 +182,24 @@ def test_cli_on_nifti_background(tmp_path, background):
     assert image.shape == labels.shape == hu.shape and np.allclose(spacing, SPACING)
     assert 1 <= len(record["lesions"]) <= 5 and labels.max() == len(record["lesions"])
     assert (labels > 0).sum() and (np.asarray(labels) > 0)[~ndimage.binary_dilation(lungs, iterations=2)].sum() == 0
+
+
+def test_nodes_at_fat_sites_stay_out_of_lung_enhanced_vessels_and_bone(background):
+    """Real backgrounds (node_sites="fat"): centred in fat, displacing at most a third of unenhanced soft tissue."""
+    hu, lungs, mediastinum = (array.copy() for array in background)
+    vessel, oesophagus = np.zeros_like(mediastinum), np.zeros_like(mediastinum)
+    vessel[:, 105:112, 93:99] = oesophagus[:, 70:76, 93:99] = True
+    hu[vessel], hu[oesophagus] = 200.0, 40.0
+    fat = mediastinum & ~vessel & ~oesophagus
+    nodes = [lesion for seed in range(3) for lesion in insert_lesions(
+        hu, SPACING, lungs, fat, np.random.default_rng(seed), 3, kinds=["node"], size_range_mm=(10, 30),
+        node_sites="fat")[2]]
+    assert len(nodes) >= 6
+    out, labels, lesions = insert_lesions(hu, SPACING, lungs, fat, np.random.default_rng(0), 3, kinds=["node"],
+                                          size_range_mm=(10, 30), node_sites="fat")
+    for lesion in lesions:
+        mask = labels == lesion["label"]
+        assert not (mask & (lungs | vessel)).any() and (mask & fat).sum() >= 2 / 3 * mask.sum()
+        assert 15 <= np.median(out[ndimage.binary_erosion(mask)]) <= 65
+    with pytest.raises(ValueError, match="node_sites"):
+        insert_lesions(hu, SPACING, lungs, fat, np.random.default_rng(0), 1, node_sites="anywhere")

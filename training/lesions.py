@@ -18,7 +18,10 @@ Kinds (HU before blur/noise):
   juxtapleural  solid/lobulated, flattened against the chest wall (clipped to the lung)
   juxtavascular solid/lobulated/spiculated, touching a lung vessel (lung voxel > -300 HU)
   perihilar     solid/lobulated/spiculated at the medial lung border at hilum height
-  node          mediastinal lymph node: 20-60 HU ovoid in the mediastinum beside a lung
+  node          mediastinal lymph node: 20-60 HU ovoid in mediastinal fat; node_sites "hilum" (the phantom
+                generator's): beside a lung's medial border at hilum height, nearly all in fat; "fat" (real
+                backgrounds): centred anywhere in fat at least a third of its radius deep (every station), up to a
+                third of it displacing unenhanced soft tissue (not lung, enhanced vessels or bone)
 
 Drawn only when named in `kinds` (not in the default mix, which the phantom generator uses):
   mass          30-100 mm solid/lobulated tumour, 10-50 HU (a necrotic centre at times), flattened against
@@ -42,6 +45,8 @@ SIZE_LIMITS_MM = {"ggo": (5, 30), "part_solid": (8, 40), "cavitating": (12, 60),
                   "perihilar": (10, 60), "node": (8, 35), "mass": (30, 100), "faint_ggo": (8, 45)}
 PLEURAL_KINDS = ("juxtapleural", "mass")  # placed against the pleura, partly outside the lung
 PLACEMENT_TRIES = 40
+NODE_SITES = ("hilum", "fat")
+UNENHANCED_HU = (-200.0, 80.0)  # what a node may displace at "fat" sites: fat and unenhanced soft tissue
 VESSEL_HU = -300.0
 AIR_HU = -1000.0
 _CUBE = np.array([(z, y, x) for z in (-1, 0, 1) for y in (-1, 0, 1) for x in (-1, 0, 1)], float)
@@ -50,11 +55,11 @@ SPHERE_POINTS = _CUBE / np.maximum(np.linalg.norm(_CUBE, axis=1, keepdims=True),
 
 def insert_lesions(hu: np.ndarray, spacing, lungs: np.ndarray, mediastinum: np.ndarray | None,
                    rng: np.random.Generator, count: int, blur_sigma_mm=0.0, noise_sd_hu: float = 0.0,
-                   size_range_mm=(3, 60), kinds=None):
+                   size_range_mm=(3, 60), kinds=None, node_sites: str = "hilum"):
     """Insert up to `count` non-overlapping lesions into a copy of `hu` ([z, y, x] float, spacing (z, y, x) mm).
 
     `lungs` and `mediastinum` are bool masks (no mediastinum: no nodes); `kinds` names the kinds
-    drawn (default: DEFAULT_KINDS), weighted by KIND_WEIGHTS. blur_sigma_mm is the scanner PSF (a float or
+    drawn (default: DEFAULT_KINDS), weighted by KIND_WEIGHTS; `node_sites` (NODE_SITES) where nodes go. blur_sigma_mm is the scanner PSF (a float or
     (z, y, x)); noise_sd_hu > 0 adds noise of that SD where the lesion replaces the background.
     Returns (hu with lesions float32, int16 instance labels 1..n, one dict per lesion). Fewer than
     `count` lesions are inserted where no place is found for them.
@@ -62,7 +67,7 @@ def insert_lesions(hu: np.ndarray, spacing, lungs: np.ndarray, mediastinum: np.n
     hu = np.array(hu, dtype=np.float32)
     labels = np.zeros(hu.shape, np.int16)
     scene = _Scene(hu, np.asarray(spacing, float), lungs, mediastinum,
-                   np.broadcast_to(np.asarray(blur_sigma_mm, float), (3,)), float(noise_sd_hu), rng)
+                   np.broadcast_to(np.asarray(blur_sigma_mm, float), (3,)), float(noise_sd_hu), rng, node_sites)
     kinds = [k for k in (kinds or DEFAULT_KINDS) if mediastinum is not None or k != "node"]
     weights = np.array([KIND_WEIGHTS[k] for k in kinds])
     lesions = []
@@ -130,8 +135,14 @@ class _Shape:
 class _Scene:
     """A background volume with its masks; places and draws one lesion at a time."""
 
-    def __init__(self, hu, spacing, lungs, mediastinum, blur_mm, noise_sd, rng):
+    def __init__(self, hu, spacing, lungs, mediastinum, blur_mm, noise_sd, rng, node_sites="hilum"):
+        if node_sites not in NODE_SITES:
+            raise ValueError(f"node_sites must be one of {NODE_SITES}, not {node_sites!r}")
         self.hu, self.spacing, self.lungs, self.mediastinum = hu, spacing, lungs, mediastinum
+        self.fat_depth = None  # mm from each fat voxel to the nearest non-fat one, for nodes at "fat" sites
+        if node_sites == "fat" and mediastinum is not None:
+            self.fat_depth = ndimage.distance_transform_edt(mediastinum, sampling=spacing).astype(np.float32)
+            self.fat_points = np.argwhere(mediastinum)
         self.blur_mm, self.noise_sd, self.rng = blur_mm, noise_sd, rng
         self.original = hu.copy()  # vessel look-up unaffected by lesions already drawn
         zz, yy, xx = np.nonzero(lungs[:, ::4, ::4])
@@ -192,6 +203,9 @@ class _Scene:
                 if self.lungs[tuple(point)] and self.original[tuple(point)] > VESSEL_HU:
                     return np.rint(point + _unit(rng) * radius * 0.95 / sp).astype(int)
             return None
+        if kind == "node" and self.fat_depth is not None:
+            deep = self.fat_points[self.fat_depth[tuple(self.fat_points.T)] >= radius / 3]
+            return deep[rng.integers(len(deep))] if len(deep) else None
         if kind in ("perihilar", "node"):
             z0, z1 = self.lung_z
             z = int(z0 + (z1 - z0) * rng.uniform(0.45, 0.7))
@@ -254,8 +268,12 @@ class _Scene:
         if not inside.any():
             return None
         if kind == "node":
-            region = self.mediastinum[box]
-            if (inside & ~region).sum() > 0.1 * inside.sum() or self.original[box][inside].mean() > 80:
+            fat, region = self.mediastinum[box], self.mediastinum[box]
+            if self.fat_depth is not None:
+                original = self.original[box]
+                region = ~self.lungs[box] & (original >= UNENHANCED_HU[0]) & (original <= UNENHANCED_HU[1])
+            outside_fat = 0.1 if self.fat_depth is None else 1 / 3
+            if (inside & ~fat).sum() > outside_fat * inside.sum() or self.original[box][inside].mean() > 80:
                 return None
         else:
             region = self.lungs[box]

@@ -4,7 +4,7 @@
         --seeds 3 [--count 6] [--kinds node perihilar]
 
 For each case of --real-train (one outlined target lesion per patient, others possibly unlabelled) and each
-seed, lesions (training.lesions: its default kinds, or --kinds; 5-90 mm, nodes in mediastinal fat) are inserted away from
+seed, lesions (training.lesions: its default kinds, or --kinds; 5-90 mm, nodes at any station of mediastinal fat) are inserted away from
 the regions that may hold a real lesion, and the case is written as a Decathlon-style dataset:
 imagesTr/<case>_s<seed>.nii.gz, labelsTr/<same> (inserted lesions 1..n, IGNORE where the loss must not
 look) and dataset.json. The real anatomy around the inserted lesions (hila, mediastinum, vessels, upper
@@ -88,7 +88,7 @@ def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Pat
             rng = np.random.default_rng([seed, len(items)])
             image, labels, lesions = insert_lesions(hu, spacing, lungs & ~ignore, mediastinum, rng, count,
                                                     blur_sigma_mm=blur, noise_sd_hu=noise_sd, size_range_mm=SIZE_RANGE_MM,
-                                                    kinds=kinds)
+                                                    kinds=kinds, node_sites="fat")
             labels[ignore & (labels == 0)] = IGNORE
             case = f"{folder.name}_s{seed}"
             write_nifti(out / "imagesTr" / f"{case}.nii.gz", np.clip(np.rint(image), -1024, 3071).astype(np.int16),
