@@ -6,9 +6,11 @@ import numpy as np
 
 from operators.thorax_crop import crop_thorax
 from tests.conftest import write_test_models
-from training.evaluate_real import _lost_at, evaluate_sets
+from training.evaluate_real import _lost_at, evaluate_sets, load_case
 from training.phantom import generate_phantom
+from training.nifti import write_nifti
 from training.phantom_io import write_phantom_nifti
+from training.train import IGNORE
 
 
 def test_a_missed_lesion_names_the_step_that_lost_it():
@@ -72,3 +74,18 @@ def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_pat
     written = cached.stat().st_mtime_ns
     evaluate_sets({"phantoms": data}, models / "lesion_seg", models / "cascade_fp", out, cache, log=lambda *a, **k: None)
     assert cached.stat().st_mtime_ns == written
+
+
+def test_real_background_cases_are_partial_truth_without_their_ignore_regions(tmp_path):
+    """training.real_backgrounds' IGNORE regions (the scan's own possible lesions) are neither truth nor false."""
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+    labels = np.zeros((4, 6, 6), np.int16)
+    labels[1, 1:3, 1:3], labels[2, 3:5, 3:5] = 1, IGNORE
+    write_nifti(tmp_path / "imagesTr" / "bg_s0.nii.gz", np.zeros(labels.shape, np.int16), (2.0, 1.0, 1.0), (0, 0, 0))
+    write_nifti(tmp_path / "labelsTr" / "bg_s0.nii.gz", labels, (2.0, 1.0, 1.0), (0, 0, 0))
+    (tmp_path / "labelsTr" / "bg_s0.json").write_text(json.dumps(
+        {"background": "bg", "seed": 0, "ignore_label": IGNORE, "lesions": [{"label": 1, "kind": "node"}]}))
+    name, _, truth, _, described = load_case(tmp_path / "imagesTr" / "bg_s0.nii.gz")
+    assert name == "bg_s0" and set(np.unique(truth)) == {0, 1} and (truth == 1).sum() == 4
+    assert described == {"lesions": [{"id": 1, "kind": "node"}], "partial_truth": True}

@@ -6,7 +6,8 @@ it), every false lesion with its size and place, and the set metrics of ../share
 
 Each --set is a folder of cases as in ../shared/data (`dicom/`, `truth.json`, `truth.npz`), or a phantom
 dataset of training.make_dataset (`imagesTr/`, `labelsTr/` with each lesion's kind), the second check beside
-real CT. Per case the app's own plain functions run in the app's order: thoracic box (operators.thorax_crop), lesion probability
+real CT, or lesions inserted into real CT by training.real_backgrounds (partial truth: the inserted lesions;
+the IGNORE regions, which may hold the scan's own lesions, are not truth). Per case the app's own plain functions run in the app's order: thoracic box (operators.thorax_crop), lesion probability
 and candidates (operators.lesion_segmentation), the cascade (operators.cascade_fp). The network's
 probability is cached per case and network (--cache), so other cascades are evaluated in seconds.
 
@@ -116,8 +117,12 @@ def load_case(path: Path) -> tuple[str, np.ndarray, np.ndarray, tuple, dict]:
     truth, _ = read_nifti(path.parents[1] / "labelsTr" / path.name)
     described = json.loads((path.parents[1] / "labelsTr" / f"{name}.json").read_text())
     lesions = [{"id": lesion["label"], "kind": lesion["kind"]} for lesion in described["lesions"]]
-    return (name, np.asarray(hu, np.float32), np.rint(truth).astype(np.int16), spacing,
-            {"lesions": lesions, "partial_truth": described.get("partial_truth", False)})
+    truth = np.rint(truth).astype(np.int16)
+    partial = described.get("partial_truth", False)
+    if "ignore_label" in described:  # real background (training.real_backgrounds): its own lesions are not outlined
+        truth[truth == described["ignore_label"]] = 0
+        partial = True
+    return name, np.asarray(hu, np.float32), truth, spacing, {"lesions": lesions, "partial_truth": partial}
 
 
 def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache: Path) -> dict:
