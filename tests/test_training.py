@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from monai import transforms as mt
 
 from tests.conftest import REPO, real_train_case
 from training.export import export
@@ -14,6 +15,7 @@ from training.phantom_io import write_phantom_nifti
 from training.real_backgrounds import make_cases, mediastinum_mask
 from training.real_cases import real_case_arrays
 from training.train import (IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target, build_network, dice_ce_loss,
+                            crop_size, patch_centres,
                             learning_rate, train)
 
 TINY = dict(PRESETS["cpu"], filters=[4, 8, 16], patch_size=[16, 32, 32], batch_size=4, samples_per_volume=4,
@@ -94,6 +96,25 @@ def test_thick_slice_augmentation_blurs_the_image_along_z_only_and_only_where_as
     def steps(preset):
         return [type(step).__name__ for step in augmentation(PRESETS[preset])]
     assert "RandThickSlicesd" in steps("finetune_scanners") and "RandThickSlicesd" not in steps("finetune")
+
+
+def test_lesion_shift_puts_the_lesion_anywhere_near_the_patch_centre_not_at_it():
+    config = dict(PRESETS["finetune_shift"], patch_size=[8, 16, 16], lesion_shift=[2, 4, 4], samples_per_volume=1)
+    label = torch.zeros(1, 30, 50, 50)
+    label[0, 15, 25, 25] = 1  # one lesion voxel
+    image = label.clone()
+    image[0, :6, :10, :10] = 1.0  # the body, where background patches are centred: far from the lesion
+    data = mt.Compose(patch_centres(config))({"image": image, "label": label})
+    crop = mt.Compose(augmentation(config)[:2])
+    offsets = set()
+    for seed in range(40):
+        crop.set_random_state(seed)
+        patch = crop(data)[0]
+        assert patch["image"].shape[1:] == (8, 16, 16)
+        if patch["label"].any():  # a lesion-centred patch (the others are centred on the body)
+            offsets.add(tuple(int(i) for i in torch.nonzero(patch["label"][0])[0]))
+    assert len(offsets) > 3 and all(2 <= z <= 6 and 4 <= y <= 12 and 4 <= x <= 12 for z, y, x in offsets)
+    assert crop_size(PRESETS["finetune"]) == PRESETS["finetune"]["patch_size"]  # other presets: centred as before
 
 
 def test_loss_is_monai_dice_ce_and_blind_to_ignored_voxels():

@@ -44,6 +44,9 @@ PRESETS = {
 # Other scanners on the same cases: slices up to 8 mm thick, up to 45 HU more noise (training.scanner_variants).
 PRESETS["finetune_scanners"] = dict(PRESETS["finetune"], thick_slices_prob=0.3, thick_slices_work=[2, 4],
                                     noise_std=0.03)
+# Lesions anywhere within a quarter patch of the patch centre, not at it: the sliding window sees them anywhere
+# (mediastinal nodes were found only where the window placed them as training did: models/lesion_seg/README.md).
+PRESETS["finetune_shift"] = dict(PRESETS["finetune"], lesion_shift=[12, 24, 24])
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
 BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion of the case
@@ -80,10 +83,15 @@ def preprocessing(config: dict) -> list:
     ]
 
 
+def crop_size(config: dict) -> list[int]:
+    """The crop around a sampled centre: the patch, grown by `lesion_shift` (working voxels) on each side."""
+    return [size + 2 * shift for size, shift in zip(config["patch_size"], config.get("lesion_shift", [0, 0, 0]))]
+
+
 def patch_centres(config: dict) -> list:
-    """Training only: pad to a patch and index candidate patch centres per lesion instance and body."""
+    """Training only: pad to a crop and index candidate patch centres per lesion instance and body."""
     return [
-        mt.SpatialPadd(keys=["image", "label"], spatial_size=config["patch_size"]),
+        mt.SpatialPadd(keys=["image", "label"], spatial_size=crop_size(config)),
         mt.ClassesToIndicesd(keys="label", num_classes=MAX_LESIONS + 1, image_key="image", image_threshold=0.05),
     ]
 
@@ -115,15 +123,19 @@ class RandThickSlicesd(mt.RandomizableTransform, mt.MapTransform):
 
 
 def augmentation(config: dict) -> list:
-    """Random patches centred on each lesion equally often (small ones as often as large ones) or on body,
-    then binary labels, thicker slices (where the config asks), flips and intensity jitter."""
+    """Random patches centred on each lesion equally often (small ones as often as large ones) or on body (with
+    `lesion_shift`: a patch anywhere within that of the centre), then binary labels, thicker slices (where the
+    config asks), flips and intensity jitter."""
     thick_slices = [RandThickSlicesd(keys="image", prob=config["thick_slices_prob"],
                                      slabs=tuple(config["thick_slices_work"]))] if "thick_slices_prob" in config else []
+    off_centre = [mt.RandSpatialCropd(keys=["image", "label"], roi_size=config["patch_size"], random_size=False)
+                  ] if "lesion_shift" in config else []
     return [
-        mt.RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=config["patch_size"],
+        mt.RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=crop_size(config),
                                    ratios=[BACKGROUND_RATIO] + [1] * MAX_LESIONS, num_classes=MAX_LESIONS + 1,
                                    num_samples=config["samples_per_volume"], indices_key="label_cls_indices",
                                    warn=False),
+        *off_centre,
         mt.Lambdad(keys="label", func=binary_target),
         *thick_slices,
         mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),  # left-right
