@@ -45,7 +45,7 @@ PRESETS = {
 PRESETS["finetune_scanners"] = dict(PRESETS["finetune"], thick_slices_prob=0.3, thick_slices_work=[2, 4],
                                     noise_std=0.03)
 # Lesions anywhere within a quarter patch of the patch centre, not at it: the sliding window sees them anywhere
-# (mediastinal nodes were found only where the window placed them as training did: models/lesion_seg/README.md).
+# (mediastinal nodes were found only where the patch placed them as training did; tried, not shipped: model card).
 PRESETS["finetune_shift"] = dict(PRESETS["finetune"], lesion_shift=[12, 24, 24])
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
