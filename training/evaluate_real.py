@@ -7,9 +7,10 @@ it), every false lesion with its size and place, and the set metrics of ../share
 Each --set is a folder of cases as in ../shared/data (`dicom/`, `truth.json`, `truth.npz`), or a phantom
 dataset of training.make_dataset (`imagesTr/`, `labelsTr/` with each lesion's kind), the second check beside
 real CT, or lesions inserted into real CT by training.real_backgrounds (partial truth: the inserted lesions;
-the IGNORE regions, which may hold the scan's own lesions, are not truth). Per case the app's own plain functions run in the app's order: thoracic box (operators.thorax_crop), lesion probability
-and candidates (operators.lesion_segmentation), the cascade (operators.cascade_fp). The network's
-probability is cached per case and network (--cache), so other cascades are evaluated in seconds.
+the IGNORE regions, which may hold the scan's own lesions, are not truth). Per case the app's own plain
+functions run in the app's order: thoracic box (operators.thorax_crop), lesion probability and candidates
+(operators.lesion_segmentation), the cascade (operators.cascade_fp). The network's probability is cached per
+case and network (--cache), so other cascades are evaluated in seconds.
 
 Missed lesions name the step that lost them: "thorax box" (under half of it inside the box), "segmentation"
 (no candidate detects it; the network's highest probability inside it is given) or the cascade stage that

@@ -59,8 +59,9 @@ def insert_lesions(hu: np.ndarray, spacing, lungs: np.ndarray, mediastinum: np.n
     """Insert up to `count` non-overlapping lesions into a copy of `hu` ([z, y, x] float, spacing (z, y, x) mm).
 
     `lungs` and `mediastinum` are bool masks (no mediastinum: no nodes); `kinds` names the kinds
-    drawn (default: DEFAULT_KINDS), weighted by KIND_WEIGHTS; `node_sites` (NODE_SITES) where nodes go. blur_sigma_mm is the scanner PSF (a float or
-    (z, y, x)); noise_sd_hu > 0 adds noise of that SD where the lesion replaces the background.
+    drawn (default: DEFAULT_KINDS), weighted by KIND_WEIGHTS; `node_sites` (NODE_SITES) where nodes go.
+    blur_sigma_mm is the scanner PSF (a float or (z, y, x)); noise_sd_hu > 0 adds noise of that SD where the
+    lesion replaces the background.
     Returns (hu with lesions float32, int16 instance labels 1..n, one dict per lesion). Fewer than
     `count` lesions are inserted where no place is found for them.
     """
@@ -139,10 +140,10 @@ class _Scene:
         if node_sites not in NODE_SITES:
             raise ValueError(f"node_sites must be one of {NODE_SITES}, not {node_sites!r}")
         self.hu, self.spacing, self.lungs, self.mediastinum = hu, spacing, lungs, mediastinum
-        self.fat_depth = None  # mm from each fat voxel to the nearest non-fat one, for nodes at "fat" sites
+        self.fat_points = None  # nodes at "fat" sites: every fat voxel, and its depth (mm to the nearest non-fat one)
         if node_sites == "fat" and mediastinum is not None:
-            self.fat_depth = ndimage.distance_transform_edt(mediastinum, sampling=spacing).astype(np.float32)
             self.fat_points = np.argwhere(mediastinum)
+            self.fat_depths = ndimage.distance_transform_edt(mediastinum, sampling=spacing)[mediastinum]
         self.blur_mm, self.noise_sd, self.rng = blur_mm, noise_sd, rng
         self.original = hu.copy()  # vessel look-up unaffected by lesions already drawn
         zz, yy, xx = np.nonzero(lungs[:, ::4, ::4])
@@ -203,8 +204,8 @@ class _Scene:
                 if self.lungs[tuple(point)] and self.original[tuple(point)] > VESSEL_HU:
                     return np.rint(point + _unit(rng) * radius * 0.95 / sp).astype(int)
             return None
-        if kind == "node" and self.fat_depth is not None:
-            deep = self.fat_points[self.fat_depth[tuple(self.fat_points.T)] >= radius / 3]
+        if kind == "node" and self.fat_points is not None:
+            deep = self.fat_points[self.fat_depths >= radius / 3]
             return deep[rng.integers(len(deep))] if len(deep) else None
         if kind in ("perihilar", "node"):
             z0, z1 = self.lung_z
@@ -268,11 +269,12 @@ class _Scene:
         if not inside.any():
             return None
         if kind == "node":
-            fat, region = self.mediastinum[box], self.mediastinum[box]
-            if self.fat_depth is not None:
+            fat = region = self.mediastinum[box]
+            outside_fat = 0.1
+            if self.fat_points is not None:  # "fat" sites: a node may displace unenhanced soft tissue
                 original = self.original[box]
                 region = ~self.lungs[box] & (original >= UNENHANCED_HU[0]) & (original <= UNENHANCED_HU[1])
-            outside_fat = 0.1 if self.fat_depth is None else 1 / 3
+                outside_fat = 1 / 3
             if (inside & ~fat).sum() > outside_fat * inside.sum() or self.original[box][inside].mean() > 80:
                 return None
         else:
