@@ -298,7 +298,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--iterations", type=int, help="override the preset's iteration count")
     parser.add_argument("--max-minutes", type=float, help="wall-clock budget; the schedule anneals to fit it")
-    parser.add_argument("--init", help="start from the weights of this exported model folder (default: the preset's)")
+    parser.add_argument("--init", type=Path, help="start from the weights of this exported model folder (default: the preset's)")
     parser.add_argument("--val-count", type=int, default=4, help="cases held out for validation without a list")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
@@ -310,7 +310,9 @@ def main(argv=None) -> None:
     if args.max_minutes:
         config["max_minutes"] = args.max_minutes
     if args.init:
-        config["init"] = args.init
+        if not (args.init / "model.ts").is_file():
+            parser.error(f"--init: no model.ts in {args.init}")
+        config["init"] = str(args.init.resolve())  # the preset's own init is relative to the repository
     state = train(args.data, args.run, config, resume=args.resume, val_count=args.val_count)
     print(f"done: {state['iteration']} iterations, best validation Dice {state['best_dice']:.4f} -> {args.run}")
 
