@@ -3,7 +3,7 @@
 Plain functions, free of app state (training/evaluate imports them):
 - `predict_lesion_probability(hu, spacing, model, config, device)`: float32 probability on the input
   grid, following models/lesion_seg/model.json (docs/ARCHITECTURE.md): resample to `spacing_mm`,
-  clip to `intensity_window_hu` and scale to [0, 1], sliding window over `patch_size` with `overlap`
+  `network_input` (the HU clipped to each of `intensity_windows` and scaled to [0, 1]), sliding window over `patch_size` with `overlap`
   in the device's `precision`, softmax channel 1 (averaged over the mirrors of `mirror_axes`, where given),
   trilinear back to the input grid.
 - `inference_precision(config, device)`: the precision the network runs in on this device.
@@ -61,6 +61,18 @@ def _mirrored(volume: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return volume.flip(dims) if dims else volume  # no copy for the unmirrored pass
 
 
+def intensity_windows(config: dict) -> list[list[float]]:
+    """The HU windows, one per input channel: `intensity_window_hu`, then `soft_tissue_window_hu` where given."""
+    return [config["intensity_window_hu"]] + ([config["soft_tissue_window_hu"]] if "soft_tissue_window_hu" in config else [])
+
+
+def network_input(hu: torch.Tensor, config: dict) -> torch.Tensor:
+    """HU with a channel axis of one at dim -4 ([1, ...] or [N, 1, ...]) -> one channel per intensity window, each
+    clipped to its window and scaled to [0, 1]."""
+    channels = [(hu.clamp(low, high) - low) / (high - low) for low, high in intensity_windows(config)]
+    return channels[0] if len(channels) == 1 else torch.cat(channels, dim=-4)
+
+
 def inference_precision(config: dict, device) -> torch.dtype:
     """The precision of model.json's `precision` for this device type: float32 where none is given, and for
     bfloat16 on a CPU without native bfloat16 (emulated, it is slower)."""
@@ -88,7 +100,6 @@ def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, dev
     """Lesion probability (float32, the shape of `hu`) from a network with 2 output channels, run under autocast in
     its `inference_precision`, averaged over the `mirrors` of the image."""
     work_shape = np.maximum(np.round(np.asarray(hu.shape) * np.asarray(spacing) / config["spacing_mm"]), 1)
-    low, high = config["intensity_window_hu"]
     precision = inference_precision(config, device)
 
     def network(window: torch.Tensor) -> torch.Tensor:  # windows are blended in float32
@@ -102,7 +113,7 @@ def predict_lesion_probability(hu: np.ndarray, spacing, model, config: dict, dev
 
     with torch.inference_mode():
         image = _resize(torch.as_tensor(hu, dtype=torch.float32, device=device)[None, None], work_shape)
-        image = (image.clamp(low, high) - low) / (high - low)
+        image = network_input(image, config)
         first, *others = mirrors(config)
         probability = lesion_channel(image, first)
         for dims in others:

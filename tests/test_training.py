@@ -14,8 +14,9 @@ from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
 from training.real_backgrounds import make_cases, mediastinum_mask
 from training.real_cases import real_case_arrays
+from operators.lesion_segmentation import network_input
 from training.train import (IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target, build_network, dice_ce_loss,
-                            crop_size, patch_centres,
+                            crop_size, load_widened, patch_centres,
                             learning_rate, train)
 
 TINY = dict(PRESETS["cpu"], filters=[4, 8, 16], patch_size=[16, 32, 32], batch_size=4, samples_per_volume=4,
@@ -69,6 +70,19 @@ def test_export_matches_eager(run, tmp_path):
     x = torch.rand(1, 1, 32, 48, 64)  # another size than the training patch
     with torch.no_grad():
         assert torch.allclose(scripted(x), eager(x), atol=1e-4)
+
+
+def test_soft_tissue_channel_starts_as_the_one_channel_network():
+    soft = dict(TINY, soft_tissue_window_hu=[-160, 240])
+    hu = torch.tensor([-1000.0, -100.0, 40.0, 500.0]).reshape(1, 1, 1, 1, 4)
+    channels = network_input(hu, soft)
+    assert channels.shape == (1, 2, 1, 1, 4)
+    assert torch.allclose(channels[0, :, 0, 0], torch.tensor([[0.0, 0.6, 0.6933, 1.0], [0.0, 0.15, 0.5, 1.0]]), atol=1e-4)
+    one, two = build_network(TINY).eval(), build_network(soft).eval()
+    load_widened(two, one.state_dict())
+    x = network_input(torch.rand(1, 1, 16, 32, 32) * 1500 - 1000, soft)
+    with torch.no_grad():
+        assert torch.allclose(two(x), one(x[:, :1]), atol=1e-5)
 
 
 def test_schedule_warms_up_then_anneals_to_zero():

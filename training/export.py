@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from operators.lesion_segmentation import intensity_windows
 from training.train import build_network
 
 INFERENCE = {
@@ -29,7 +30,7 @@ def export(run_dir: Path, out_dir: Path, checkpoint: str = "best.pt") -> Path:
     model = build_network(config)
     model.load_state_dict(saved["model"])
     model.eval()
-    example = torch.zeros(1, 1, *config["patch_size"])
+    example = torch.zeros(1, len(intensity_windows(config)), *config["patch_size"])
     with torch.no_grad():
         scripted = torch.jit.trace(model, example)
         eager_out, scripted_out = model(example), scripted(example)
@@ -43,11 +44,12 @@ def export(run_dir: Path, out_dir: Path, checkpoint: str = "best.pt") -> Path:
         "name": "lesion_seg",
         "file": "model.ts",
         "architecture": f"MONAI DynUNet, residual blocks, instance norm, filters {config['filters']}",
-        "input": "[N, 1, z, y, x] float32: HU clipped to intensity_window_hu, scaled linearly to [0, 1]",
+        "input": f"[N, {len(intensity_windows(config))}, z, y, x] float32: HU clipped to each intensity window "
+                 "(intensity_window_hu, then soft_tissue_window_hu where given), scaled linearly to [0, 1]",
         "output": "[N, 2, z, y, x] logits; softmax channel 1 is the lesion probability",
         "axes": "z, y, x = slice (ascending along the slice normal), row (anterior->posterior), column (right->left)",
         "spacing_mm": config["spacing_mm"],
-        "intensity_window_hu": config["intensity_window_hu"],
+        **{key: config[key] for key in ("intensity_window_hu", "soft_tissue_window_hu") if key in config},
         **INFERENCE,
         "training": {
             "preset": config.get("preset"),

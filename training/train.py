@@ -27,6 +27,8 @@ from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader
 from monai.networks.nets import DynUNet
 
+from operators.lesion_segmentation import intensity_windows, network_input
+
 log = logging.getLogger("train")
 
 # Working grid (z, y, x) mm, window and network are part of the model: they go to model.json on export.
@@ -47,6 +49,9 @@ PRESETS["finetune_scanners"] = dict(PRESETS["finetune"], thick_slices_prob=0.3, 
 # Lesions anywhere within a quarter patch of the patch centre, not at it: the sliding window sees them anywhere
 # (mediastinal nodes were found only where the patch placed them as training did; tried, not shipped: model card).
 PRESETS["finetune_shift"] = dict(PRESETS["finetune"], lesion_shift=[12, 24, 24])
+# A second input channel, the HU in a soft-tissue window: mediastinal nodes differ from the fat around them by about
+# 0.07 of the lung window's range and by 0.28 of this one (model card: nodes). Starts from the one-channel weights.
+PRESETS["finetune_soft_tissue"] = dict(PRESETS["finetune_shift"], soft_tissue_window_hu=[-160, 240])
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
 BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion of the case
@@ -55,9 +60,21 @@ BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much agains
 def build_network(config: dict) -> DynUNet:
     levels = len(config["filters"])
     return DynUNet(
-        spatial_dims=3, in_channels=1, out_channels=2, kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1),
+        spatial_dims=3, in_channels=len(intensity_windows(config)), out_channels=2, kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1),
         upsample_kernel_size=[2] * (levels - 1), filters=config["filters"], norm_name="instance", res_block=True,
     )
+
+
+def load_widened(model: torch.nn.Module, weights: dict) -> None:
+    """Load `weights` into `model`; a weight that sees fewer input channels than the model's (a one-channel network
+    started as a two-channel one) gets zeros for the new channels, so the network's output is unchanged at first."""
+    own = model.state_dict()
+    for name, weight in weights.items():
+        if weight.ndim > 1 and weight.shape[1] < own[name].shape[1]:
+            widened = torch.zeros_like(own[name])
+            widened[:, :weight.shape[1]] = weight
+            weights[name] = widened
+    model.load_state_dict(weights)
 
 
 def _xyz(zyx):
@@ -68,16 +85,15 @@ def _xyz(zyx):
 def preprocessing(config: dict) -> list:
     """Deterministic steps: load, orient like the app's volumes (LPS), resample, window, crop to the body.
 
-    The result is [channel, z, y, x], the app's axis order; labels stay instance labels.
+    The result is [channel, z, y, x], the app's axis order (channels: `network_input`); labels stay instance labels.
     """
-    low, high = config["intensity_window_hu"]
     return [
         mt.LoadImaged(keys=["image", "label"], image_only=False),
         mt.EnsureChannelFirstd(keys=["image", "label"]),
         mt.Orientationd(keys=["image", "label"], axcodes="LPS"),
         mt.Spacingd(keys=["image", "label"], pixdim=_xyz(config["spacing_mm"]), mode=("bilinear", "nearest")),
-        mt.ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-        mt.CropForegroundd(keys=["image", "label"], source_key="image", select_fn=lambda image: image > 0.05, margin=8),
+        mt.Lambdad(keys="image", func=lambda hu: network_input(hu, config)),
+        mt.CropForegroundd(keys=["image", "label"], source_key="image", select_fn=lambda image: image[:1] > 0.05, margin=8),
         mt.EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False),
         mt.Transposed(keys=["image", "label"], indices=(0, 3, 2, 1)),
     ]
@@ -221,7 +237,7 @@ def train(data_dirs: list[Path], run_dir: Path, config: dict, resume: bool = Fal
     model = build_network(config).to(device)
     if config.get("init"):
         init = Path(__file__).resolve().parents[1] / config["init"]  # relative to the repository
-        model.load_state_dict(torch.jit.load(str(init / "model.ts"), map_location=device).state_dict())
+        load_widened(model, torch.jit.load(str(init / "model.ts"), map_location=device).state_dict())
         log.info("starting from the weights in %s", init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=1e-4)
     state = {"iteration": 0, "train_seconds": 0.0, "best_dice": -1.0, "history": [], "losses": []}
