@@ -50,7 +50,8 @@ PRESETS["finetune_scanners"] = dict(PRESETS["finetune"], thick_slices_prob=0.3, 
 # (mediastinal nodes were found only where the patch placed them as training did; tried, not shipped: model card).
 PRESETS["finetune_shift"] = dict(PRESETS["finetune"], lesion_shift=[12, 24, 24])
 # A second input channel, the HU in a soft-tissue window: mediastinal nodes differ from the fat around them by about
-# 0.07 of the lung window's range and by 0.28 of this one (model card: nodes). Starts from the one-channel weights.
+# 0.07 of the lung window's range and by 0.28 of this one. Starts from the one-channel weights (tried, not shipped:
+# model card).
 PRESETS["finetune_soft_tissue"] = dict(PRESETS["finetune_shift"], soft_tissue_window_hu=[-160, 240])
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
