@@ -3,9 +3,9 @@
 Plain functions, free of app state (training/evaluate imports them):
 - `predict_lesion_probability(hu, spacing, model, config, device)`: float32 probability on the input
   grid, following models/lesion_seg/model.json (docs/ARCHITECTURE.md): resample to `spacing_mm`,
-  `network_input` (the HU clipped to each of `intensity_windows` and scaled to [0, 1]), sliding window over `patch_size` with `overlap`
-  in the device's `precision`, softmax channel 1 (averaged over the mirrors of `mirror_axes`, where given),
-  trilinear back to the input grid.
+  `network_input` (the HU clipped to each of `intensity_windows` and scaled to [0, 1]), sliding window over
+  `patch_size` with `overlap` in the device's `precision`, softmax channel 1 (averaged over the mirrors of
+  `mirror_axes`, where given), trilinear back to the input grid.
 - `inference_precision(config, device)`: the precision the network runs in on this device.
 - `prepared_network(module, device)`: the TorchScript network on the device, frozen for inference.
 - `extract_candidates(probability, threshold, spacing)`: 26-connected instances above the
@@ -63,7 +63,7 @@ def _mirrored(volume: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 def intensity_windows(config: dict) -> list[list[float]]:
     """The HU windows, one per input channel: `intensity_window_hu`, then `soft_tissue_window_hu` where given."""
-    return [config["intensity_window_hu"]] + ([config["soft_tissue_window_hu"]] if "soft_tissue_window_hu" in config else [])
+    return [config[key] for key in ("intensity_window_hu", "soft_tissue_window_hu") if key in config]
 
 
 def network_input(hu: torch.Tensor, config: dict) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from monai import transforms as mt
 
+from operators.lesion_segmentation import network_input
 from tests.conftest import REPO, real_train_case
 from training.export import export
 from training.nifti import read_nifti
@@ -14,7 +15,6 @@ from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
 from training.real_backgrounds import make_cases, mediastinum_mask
 from training.real_cases import real_case_arrays
-from operators.lesion_segmentation import network_input
 from training.train import (IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target, build_network, dice_ce_loss,
                             crop_size, load_widened, patch_centres,
                             learning_rate, train)
@@ -77,7 +77,8 @@ def test_soft_tissue_channel_starts_as_the_one_channel_network():
     hu = torch.tensor([-1000.0, -100.0, 40.0, 500.0]).reshape(1, 1, 1, 1, 4)
     channels = network_input(hu, soft)
     assert channels.shape == (1, 2, 1, 1, 4)
-    assert torch.allclose(channels[0, :, 0, 0], torch.tensor([[0.0, 0.6, 0.6933, 1.0], [0.0, 0.15, 0.5, 1.0]]), atol=1e-4)
+    expected = torch.tensor([[0.0, 0.6, 0.6933, 1.0], [0.0, 0.15, 0.5, 1.0]])
+    assert torch.allclose(channels[0, :, 0, 0], expected, atol=1e-4)
     one, two = build_network(TINY).eval(), build_network(soft).eval()
     load_widened(two, one.state_dict())
     x = network_input(torch.rand(1, 1, 16, 32, 32) * 1500 - 1000, soft)

@@ -61,21 +61,24 @@ BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much agains
 def build_network(config: dict) -> DynUNet:
     levels = len(config["filters"])
     return DynUNet(
-        spatial_dims=3, in_channels=len(intensity_windows(config)), out_channels=2, kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1),
-        upsample_kernel_size=[2] * (levels - 1), filters=config["filters"], norm_name="instance", res_block=True,
+        spatial_dims=3, in_channels=len(intensity_windows(config)), out_channels=2, kernel_size=[3] * levels,
+        strides=[1] + [2] * (levels - 1), upsample_kernel_size=[2] * (levels - 1), filters=config["filters"],
+        norm_name="instance", res_block=True,
     )
 
 
 def load_widened(model: torch.nn.Module, weights: dict) -> None:
     """Load `weights` into `model`; a weight that sees fewer input channels than the model's (a one-channel network
     started as a two-channel one) gets zeros for the new channels, so the network's output is unchanged at first."""
+    def widened(weight: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        if weight.ndim < 2 or weight.shape[1] >= own.shape[1]:
+            return weight
+        padded = torch.zeros_like(own)
+        padded[:, :weight.shape[1]] = weight
+        return padded
+
     own = model.state_dict()
-    for name, weight in weights.items():
-        if weight.ndim > 1 and weight.shape[1] < own[name].shape[1]:
-            widened = torch.zeros_like(own[name])
-            widened[:, :weight.shape[1]] = weight
-            weights[name] = widened
-    model.load_state_dict(weights)
+    model.load_state_dict({name: widened(weight, own[name]) for name, weight in weights.items()})
 
 
 def _xyz(zyx):
@@ -94,7 +97,8 @@ def preprocessing(config: dict) -> list:
         mt.Orientationd(keys=["image", "label"], axcodes="LPS"),
         mt.Spacingd(keys=["image", "label"], pixdim=_xyz(config["spacing_mm"]), mode=("bilinear", "nearest")),
         mt.Lambdad(keys="image", func=lambda hu: network_input(hu, config)),
-        mt.CropForegroundd(keys=["image", "label"], source_key="image", select_fn=lambda image: image[:1] > 0.05, margin=8),
+        mt.CropForegroundd(keys=["image", "label"], source_key="image", select_fn=lambda image: image[:1] > 0.05,
+                           margin=8),  # the body, as the lung window shows it
         mt.EnsureTyped(keys=["image", "label"], dtype=torch.float32, track_meta=False),
         mt.Transposed(keys=["image", "label"], indices=(0, 3, 2, 1)),
     ]
