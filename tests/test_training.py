@@ -15,9 +15,8 @@ from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
 from training.real_backgrounds import make_cases, mediastinum_mask
 from training.real_cases import real_case_arrays
-from training.train import (IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target, build_network, dice_ce_loss,
-                            crop_size, load_widened, patch_centres,
-                            learning_rate, train)
+from training.train import (IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target, build_network, crop_size,
+                            dice_ce_loss, learning_rate, load_widened, patch_centres, train)
 
 TINY = dict(PRESETS["cpu"], filters=[4, 8, 16], patch_size=[16, 32, 32], batch_size=4, samples_per_volume=4,
             iterations=60, validate_every=60, learning_rate=1e-2, threads=2)
