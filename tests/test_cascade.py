@@ -15,9 +15,9 @@ from tests.conftest import REPO, shipped_feature_stage
 from training.cross_validate_cascade import patient_sets, shipped_learned_stages, without_patient
 from training.evaluate_real import list_cases
 from training.mine_candidates import match_candidates, near_misses
-from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, export_stage,
-                                    judged_size_limit, shipped_members, threshold_for_retention, train_cnn,
-                                    train_feature_classifier)
+from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, cascade_spec,
+                                    export_stage, judged_size_limit, shipped_members, threshold_for_retention,
+                                    train_cnn, train_feature_classifier)
 
 SPEC = {"fov_mm": [20, 40, 80], "size": 24, "intensity_window_hu": [-1000, 400]}
 FEATURE_STAGE = shipped_feature_stage(min_long_axis_mm=10.0)  # the tests' sizes assume a 10 mm rule
@@ -270,6 +270,19 @@ def test_a_learned_stage_judges_the_sizes_at_which_it_saw_both_classes():
     features = [{"volume_ml": ml} for ml in (0.5, 4.0, 1.0, 30.0)]
     assert judged_size_limit(features, np.array([0, 0, 1, 1])) == pytest.approx(equivalent_diameter_mm(4.0))
     assert judged_size_limit(features, np.array([0, 0, 1, 0])) == pytest.approx(equivalent_diameter_mm(1.0))
+
+
+def test_a_new_cascade_folder_takes_its_hand_set_stage_from_the_initial_cascade(tmp_path):
+    """Training into an empty --out folder starts from --init's model.json (else the shipped one), never fails."""
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "model.json").write_text(json.dumps({"stages": [FEATURE_STAGE]}))
+    assert cascade_spec(tmp_path / "new", init)["stages"] == [FEATURE_STAGE]
+    shipped = json.loads((REPO / "models" / "cascade_fp" / "model.json").read_text())
+    assert cascade_spec(tmp_path / "new", None) == shipped
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "model.json").write_text(json.dumps({"stages": []}))
+    assert cascade_spec(tmp_path / "new", init) == {"stages": []}
 
 
 def test_a_learned_stage_does_not_judge_masses_larger_than_it_learned_to_reject(tmp_path):

@@ -5,8 +5,8 @@
 
 Input: folders of training.mine_candidates .npz files (never the held-out seeds 3000+ or the real cases),
 their candidates and near misses (false). Stage 1, the hand-set feature stage, comes from
-OUT/model.json unchanged. Every learned stage learns from all training candidates that stage 1 keeps
-(more examples than its own input), and its threshold is set on the validation candidates that all
+OUT/model.json unchanged (where OUT has none yet: from the --init folder's, else from models/cascade_fp). Every
+learned stage learns from all training candidates that stage 1 keeps (more examples than its own input), and its threshold is set on the validation candidates that all
 earlier stages keep; candidates of label -1 (touching a lesion below Dice 0.1) are left out. Learned
 stages (--stages), in order of cost:
 - `feature_classifier` (optional; not shipped, it removed no validation false positive): a small MLP
@@ -283,10 +283,18 @@ def shipped_members(init_dir: Path, count: int) -> list[MultiscaleCNN]:
     return list(ensemble.members)
 
 
+def cascade_spec(out: Path, init_dir: Path | None) -> dict:
+    """The cascade that the learned stages are trained into: OUT's model.json, else that of `init_dir`, else the
+    shipped one (its hand-set stage is kept unchanged)."""
+    sources = [out, init_dir or Path(__file__).resolve().parent.parent / "models" / "cascade_fp"]
+    return json.loads(next(d / "model.json" for d in sources if (d / "model.json").exists()).read_text())
+
+
 def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, retention: float = 0.98,
                   epochs: int = 40, learned=LEARNED_STAGES, seeds=(0,), log=print, init_dir: Path | None = None,
                   learning_rate: float = 2e-3) -> dict:
-    cascade = json.loads((out / "model.json").read_text())
+    cascade = cascade_spec(out, init_dir)
+    out.mkdir(parents=True, exist_ok=True)
     stages = [s for s in cascade["stages"] if s["type"] == "features"]
     start = time.perf_counter()
     train, val = load_folders(train_dirs), load_folders(val_dirs)
