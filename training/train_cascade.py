@@ -5,10 +5,10 @@
 
 Input: folders of training.mine_candidates .npz files (never the held-out seeds 3000+ or the real cases),
 their candidates and near misses (false). Stage 1, the hand-set feature stage, comes from
-OUT/model.json unchanged (where OUT has none yet: from the --init folder's, else from models/cascade_fp). Every
-learned stage learns from all training candidates that stage 1 keeps (more examples than its own input), and its threshold is set on the validation candidates that all
-earlier stages keep; candidates of label -1 (touching a lesion below Dice 0.1) are left out. Learned
-stages (--stages), in order of cost:
+OUT/model.json unchanged (where OUT has none yet: from the --init folder's, else from models/cascade_fp).
+Every learned stage learns from all training candidates that stage 1 keeps (more examples than its own input),
+and its threshold is set on the validation candidates that all earlier stages keep; candidates of label -1
+(touching a lesion below Dice 0.1) are left out. Learned stages (--stages), in order of cost:
 - `feature_classifier` (optional; not shipped, it removed no validation false positive): a small MLP
   over measured size, shape, HU and location and the multiscale Hessian blob/tube measures
   (standardisation inside the exported module);
@@ -43,6 +43,8 @@ from scipy import ndimage
 from torch import nn
 
 from operators.cascade_fp import cell_centres, equivalent_diameter_mm, run_stages, stage_judges
+
+SHIPPED_CASCADE = Path(__file__).resolve().parents[1] / "models" / "cascade_fp"
 
 # + every hessian_* measure of the patch spec; not the network's probabilities, which differ between the
 # mining networks and are below the operating threshold for every near miss by construction
@@ -286,8 +288,8 @@ def shipped_members(init_dir: Path, count: int) -> list[MultiscaleCNN]:
 def cascade_spec(out: Path, init_dir: Path | None) -> dict:
     """The cascade that the learned stages are trained into: OUT's model.json, else that of `init_dir`, else the
     shipped one (its hand-set stage is kept unchanged)."""
-    sources = [out, init_dir or Path(__file__).resolve().parent.parent / "models" / "cascade_fp"]
-    return json.loads(next(d / "model.json" for d in sources if (d / "model.json").exists()).read_text())
+    sources = [d / "model.json" for d in (out, init_dir, SHIPPED_CASCADE) if d]
+    return json.loads(next(path for path in sources if path.exists()).read_text())
 
 
 def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, retention: float = 0.98,
