@@ -15,8 +15,8 @@ from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
 from training.real_backgrounds import make_cases, mediastinum_mask
 from training.real_cases import real_case_arrays
-from training.train import (IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target, build_network, crop_size,
-                            dice_ce_loss, learning_rate, load_widened, patch_centres, train)
+from training.train import (BACKGROUND_RATIO, IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target,
+                            build_network, crop_size, dice_ce_loss, learning_rate, load_widened, patch_centres, train)
 
 TINY = dict(PRESETS["cpu"], filters=[4, 8, 16], patch_size=[16, 32, 32], batch_size=4, samples_per_volume=4,
             iterations=60, validate_every=60, learning_rate=1e-2, threads=2)
@@ -129,6 +129,20 @@ def test_lesion_shift_puts_the_lesion_anywhere_near_the_patch_centre_not_at_it()
             offsets.add(tuple(int(i) for i in torch.nonzero(patch["label"][0])[0]))
     assert len(offsets) > 3 and all(2 <= z <= 6 and 4 <= y <= 12 and 4 <= x <= 12 for z, y, x in offsets)
     assert crop_size(PRESETS["finetune"]) == PRESETS["finetune"]["patch_size"]  # other presets: centred as before
+
+
+def test_background_ratio_weighs_body_patches_against_each_lesion():
+    label = torch.zeros(1, 30, 50, 50)
+    label[0, 15, 25, 25] = 1  # one lesion voxel
+    image = label.clone()
+    image[0, :6, :10, :10] = 1.0  # the body, far from the lesion
+    config = dict(PRESETS["finetune"], patch_size=[8, 16, 16], samples_per_volume=1, background_ratio=0)
+    data = mt.Compose(patch_centres(config))({"image": image, "label": label})
+    crop = mt.Compose(augmentation(config)[:1])
+    for seed in range(20):  # no weight on the body: every patch is centred on the lesion
+        crop.set_random_state(seed)
+        assert crop(data)[0]["label"].any()
+    assert PRESETS["nodes_negatives"]["background_ratio"] > BACKGROUND_RATIO
 
 
 def test_loss_is_monai_dice_ce_and_blind_to_ignored_voxels():

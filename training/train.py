@@ -53,9 +53,17 @@ PRESETS["finetune_shift"] = dict(PRESETS["finetune"], lesion_shift=[12, 24, 24])
 # 0.07 of the lung window's range and by 0.28 of this one. Starts from the one-channel weights (tried, not shipped:
 # model card).
 PRESETS["finetune_soft_tissue"] = dict(PRESETS["finetune_shift"], soft_tissue_window_hu=[-160, 240])
+# A node-only network, trained from scratch: the soft-tissue window as its only input, small patches around nodes in
+# mediastinal fat (tried, not shipped: model card).
+PRESETS["nodes"] = dict(MODEL, intensity_window_hu=[-160, 240], patch_size=[32, 64, 64], batch_size=4,
+                        samples_per_volume=4, iterations=1500, learning_rate=2e-3, validate_every=500, threads=2,
+                        loader_workers=0, lesion_shift=[6, 12, 12])
+# The node network trained on: four times as many background patches (its false components were pericardial and
+# mediastinal soft tissue), at half the learning rate (tried, not shipped: model card).
+PRESETS["nodes_negatives"] = dict(PRESETS["nodes"], background_ratio=20, iterations=700, learning_rate=1e-3)
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
-BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion of the case
+BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion (or `background_ratio`)
 
 
 def build_network(config: dict) -> DynUNet:
@@ -153,7 +161,8 @@ def augmentation(config: dict) -> list:
                   ] if "lesion_shift" in config else []
     return [
         mt.RandCropByLabelClassesd(keys=["image", "label"], label_key="label", spatial_size=crop_size(config),
-                                   ratios=[BACKGROUND_RATIO] + [1] * MAX_LESIONS, num_classes=MAX_LESIONS + 1,
+                                   ratios=[config.get("background_ratio", BACKGROUND_RATIO)] + [1] * MAX_LESIONS,
+                                   num_classes=MAX_LESIONS + 1,
                                    num_samples=config["samples_per_volume"], indices_key="label_cls_indices",
                                    warn=False),
         *off_centre,
