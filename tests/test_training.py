@@ -112,13 +112,18 @@ def test_thick_slice_augmentation_blurs_the_image_along_z_only_and_only_where_as
     assert "RandThickSlicesd" in steps("finetune_scanners") and "RandThickSlicesd" not in steps("finetune")
 
 
+def _one_lesion_voxel_far_from_the_body(config: dict) -> dict:
+    """A case with one lesion voxel and a body corner far from it, indexed for patch sampling."""
+    label = torch.zeros(1, 30, 50, 50)
+    label[0, 15, 25, 25] = 1
+    image = label.clone()
+    image[0, :6, :10, :10] = 1.0  # the body, where background patches are centred
+    return mt.Compose(patch_centres(config))({"image": image, "label": label})
+
+
 def test_lesion_shift_puts_the_lesion_anywhere_near_the_patch_centre_not_at_it():
     config = dict(PRESETS["finetune_shift"], patch_size=[8, 16, 16], lesion_shift=[2, 4, 4], samples_per_volume=1)
-    label = torch.zeros(1, 30, 50, 50)
-    label[0, 15, 25, 25] = 1  # one lesion voxel
-    image = label.clone()
-    image[0, :6, :10, :10] = 1.0  # the body, where background patches are centred: far from the lesion
-    data = mt.Compose(patch_centres(config))({"image": image, "label": label})
+    data = _one_lesion_voxel_far_from_the_body(config)
     crop = mt.Compose(augmentation(config)[:2])
     offsets = set()
     for seed in range(40):
@@ -132,12 +137,8 @@ def test_lesion_shift_puts_the_lesion_anywhere_near_the_patch_centre_not_at_it()
 
 
 def test_background_ratio_weighs_body_patches_against_each_lesion():
-    label = torch.zeros(1, 30, 50, 50)
-    label[0, 15, 25, 25] = 1  # one lesion voxel
-    image = label.clone()
-    image[0, :6, :10, :10] = 1.0  # the body, far from the lesion
     config = dict(PRESETS["finetune"], patch_size=[8, 16, 16], samples_per_volume=1, background_ratio=0)
-    data = mt.Compose(patch_centres(config))({"image": image, "label": label})
+    data = _one_lesion_voxel_far_from_the_body(config)
     crop = mt.Compose(augmentation(config)[:1])
     for seed in range(20):  # no weight on the body: every patch is centred on the lesion
         crop.set_random_state(seed)

@@ -52,10 +52,11 @@ PRESETS["finetune_shift"] = dict(PRESETS["finetune"], lesion_shift=[12, 24, 24])
 # A second input channel, the HU in a soft-tissue window: mediastinal nodes differ from the fat around them by about
 # 0.07 of the lung window's range and by 0.28 of this one. Starts from the one-channel weights (tried, not shipped:
 # model card).
-PRESETS["finetune_soft_tissue"] = dict(PRESETS["finetune_shift"], soft_tissue_window_hu=[-160, 240])
+SOFT_TISSUE_WINDOW_HU = [-160, 240]
+PRESETS["finetune_soft_tissue"] = dict(PRESETS["finetune_shift"], soft_tissue_window_hu=SOFT_TISSUE_WINDOW_HU)
 # A node-only network, trained from scratch: the soft-tissue window as its only input, small patches around nodes in
 # mediastinal fat (tried, not shipped: model card).
-PRESETS["nodes"] = dict(MODEL, intensity_window_hu=[-160, 240], patch_size=[32, 64, 64], batch_size=4,
+PRESETS["nodes"] = dict(MODEL, intensity_window_hu=SOFT_TISSUE_WINDOW_HU, patch_size=[32, 64, 64], batch_size=4,
                         samples_per_volume=4, iterations=1500, learning_rate=2e-3, validate_every=500, threads=2,
                         loader_workers=0, lesion_shift=[6, 12, 12])
 # The node network trained on: four times as many background patches (its false components were pericardial and
