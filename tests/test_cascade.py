@@ -1,6 +1,7 @@
 """The learned cascade: multiscale patches, Hessian measures, candidate labels, training, export and stage order."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from operators.lesion_segmentation import extract_candidates
 from operators.thorax_crop import ThoraxCrop
 from tests.conftest import REPO, shipped_feature_stage
 from training.cross_validate_cascade import patient_sets, shipped_learned_stages, without_patient
+from training.cross_validate_nodes import fold_row, format_table, patient_split, patients_of
 from training.evaluate_real import list_cases
 from training.mine_candidates import match_candidates, near_misses
 from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, cascade_spec,
@@ -345,3 +347,44 @@ def test_a_cross_validation_fold_evaluates_its_patient_as_scanned_and_in_every_s
 
 def test_a_cross_validation_fold_trains_only_the_learned_stages_that_ship():
     assert shipped_learned_stages(REPO / "models" / "cascade_fp") == ["multiscale_cnn"]
+
+
+def _node_dataset(root):
+    items = []
+    for name in ("qin_lsc_0014_s0", "qin_lsc_0014_s1", "qin_lsc_0028_s0"):
+        for sub, suffix in (("imagesTr", ".nii.gz"), ("labelsTr", ".nii.gz"), ("labelsTr", ".json")):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub / f"{name}{suffix}").write_bytes(b"")
+        items.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"training": items}))
+    return root
+
+
+def test_a_node_fold_trains_on_the_other_patients_and_watches_and_tests_its_own(tmp_path):
+    data = _node_dataset(tmp_path / "nodes")
+    assert patients_of(data) == ["qin_lsc_0014", "qin_lsc_0028"]
+    train_dir, test_dir = patient_split(data, "qin_lsc_0014", tmp_path / "fold")
+    trained = json.loads((train_dir / "dataset.json").read_text())
+    assert [Path(item["image"]).name for item in trained["training"]] == ["qin_lsc_0028_s0.nii.gz"]
+    assert [Path(item["label"]).name for item in trained["validation"]] == ["qin_lsc_0014_s0.nii.gz"]
+    assert [case.name for case in list_cases(test_dir)] == ["qin_lsc_0014_s0.nii.gz", "qin_lsc_0014_s1.nii.gz"]
+    assert sorted(p.name for p in (train_dir / "labelsTr").iterdir()) == ["qin_lsc_0028_s0.json", "qin_lsc_0028_s0.nii.gz"]
+    assert (test_dir / "labelsTr" / "qin_lsc_0014_s1.json").resolve().parent == (data / "labelsTr").resolve()
+    with pytest.raises(ValueError, match="no case of qin_lsc_0049"):
+        patient_split(data, "qin_lsc_0049", tmp_path / "other")
+
+
+def test_the_node_cross_validation_table_sums_nodes_and_averages_findings_per_scan():
+    def ablation(cases, measurable, alone, kept, findings_alone, findings_kept):
+        return {"segmentation alone": {"cases": cases, "measurable_lesions": measurable, "detected": alone,
+                                       "unlabelled_findings_per_scan": findings_alone},
+                "full cascade: multiscale_cnn": {"cases": cases, "measurable_lesions": measurable, "detected": kept,
+                                                 "unlabelled_findings_per_scan": findings_kept}}
+
+    rows = [fold_row("a", {"ablations": {"nodes": ablation(4, 20, 15, 10, 8.0, 2.0),
+                                         "original scan": ablation(1, 1, 1, 1, 10.0, 2.0)}}),
+            fold_row("b", {"ablations": {"nodes": ablation(2, 10, 9, 5, 5.0, 0.5),
+                                         "original scan": ablation(1, 1, 1, 1, 20.0, 5.0)}})]
+    assert rows[0]["kept"] == 10 and rows[1]["original_kept"] == 5.0
+    last = format_table(rows).splitlines()[-1]
+    assert last == "| all (2 folds) | 24 / 30, 15 / 30 | 7.0, 1.50 | 15.0, 3.5 per scan |"
