@@ -13,7 +13,8 @@ from training.export import export
 from training.nifti import read_nifti
 from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
-from training.real_backgrounds import make_cases, mediastinum_mask
+from training.real_backgrounds import (STATIONS_BELOW_CARINA_MM, carina_slice, make_cases, mediastinum_mask,
+                                      station_fat)
 from training.real_cases import real_case_arrays
 from training.train import (BACKGROUND_RATIO, IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target,
                             build_network, crop_size, dice_ce_loss, learning_rate, load_widened, patch_centres, train)
@@ -171,6 +172,37 @@ def test_mediastinum_is_the_fat_between_the_lungs():
     mask = mediastinum_mask(hu, lungs)
     assert mask[:, 2:8, 7:10].all() and mask[:, 2:5, 11:13].all()
     assert mask.sum() == 2 * (6 * 3 + 3 * 2) and not mask[:, :, 10].any() and not mask[:, 5:8, 11:13].any()
+
+
+def _airway_phantom(split_z: int = 29):
+    """Two lung blocks (-850 HU) in soft tissue, a trachea (-1000 HU, 2 cm2) down the midline to slice split_z + 1,
+    then two main bronchi diverging from it; 2 x 1 x 1 mm voxels, z ascending towards the head."""
+    hu = np.zeros((60, 120, 160), np.float32)
+    lungs = np.zeros(hu.shape, bool)
+    lungs[:, 20:100, 20:70] = lungs[:, 20:100, 90:140] = True
+    hu[lungs] = -850.0
+    y, x = np.mgrid[:120, :160]
+    for z in range(split_z + 1, 60):
+        hu[z][(y - 40) ** 2 + (x - 80) ** 2 <= 8 ** 2] = -1000.0
+    for z in range(split_z - 9, split_z + 1):
+        for side in (-1, 1):
+            hu[z][(y - 40) ** 2 + (x - 80 - side * (7 + 2 * (split_z - z))) ** 2 <= 5 ** 2] = -1000.0
+    return hu, lungs | (hu == -1000.0), (2.0, 1.0, 1.0)
+
+
+def test_the_carina_is_where_the_tracheal_lumen_splits_in_two():
+    hu, lungs, spacing = _airway_phantom(split_z=29)
+    assert carina_slice(hu, lungs, spacing) == 29
+    assert carina_slice(np.where(hu == -1000.0, -850.0, hu), lungs, spacing) is None  # no trachea found
+
+
+def test_node_stations_end_below_the_carina_and_are_all_the_fat_without_one():
+    hu, lungs, spacing = _airway_phantom(split_z=29)
+    fat = np.ones(hu.shape, bool)
+    floor = 29 - int(STATIONS_BELOW_CARINA_MM / spacing[0])
+    stations = station_fat(fat, hu, lungs, spacing)
+    assert stations[floor:].all() and not stations[:floor].any()
+    assert station_fat(fat, np.where(hu == -1000.0, -850.0, hu), lungs, spacing).all()
 
 
 def test_real_backgrounds_keep_the_partial_truth_out_of_the_loss(tmp_path):

@@ -1,10 +1,11 @@
 """Training cases from real chest CT with partial truth: synthetic lesions inserted into real anatomy.
 
     python -m training.real_backgrounds --real-train ../shared/data/real-train --out data/real_backgrounds \
-        --seeds 3 [--count 6] [--kinds node perihilar]
+        --seeds 3 [--count 6] [--kinds node perihilar] [--node-stations]
 
 For each case of --real-train (one outlined target lesion per patient, others possibly unlabelled) and each
-seed, lesions (training.lesions: its default kinds, or --kinds; 5-90 mm, nodes at any station of mediastinal fat) are inserted away from
+seed, lesions (training.lesions: its default kinds, or --kinds; 5-90 mm, nodes anywhere in the mediastinal fat, or with
+--node-stations only in that of the node stations, down to STATIONS_BELOW_CARINA_MM below the carina) are inserted away from
 the regions that may hold a real lesion, and the case is written as a Decathlon-style dataset:
 imagesTr/<case>_s<seed>.nii.gz, labelsTr/<same> (inserted lesions 1..n, IGNORE where the loss must not
 look) and dataset.json. The real anatomy around the inserted lesions (hila, mediastinum, vessels, upper
@@ -55,6 +56,57 @@ def mediastinum_mask(hu: np.ndarray, lungs: np.ndarray) -> np.ndarray:
     return mask & (hu >= MEDIASTINAL_FAT_HU[0]) & (hu <= MEDIASTINAL_FAT_HU[1])
 
 
+# The carina, where the trachea's lumen splits into the main bronchi: the lumen is air, denser lung is not
+AIRWAY_HU = -900.0
+TRACHEA_CM2 = (0.8, 8.0)  # the tracheal lumen's cross-section
+BRONCHUS_MIN_CM2 = 0.4  # each main bronchus's lumen just below the split
+TRACHEA_FROM_MIDLINE_MM = 25.0
+# Node stations: the paratracheal, aortopulmonary, subcarinal and hilar nodes lie above this far below the carina;
+# the fat further down borders the heart (pericardial fat, not a lung-cancer node station)
+STATIONS_BELOW_CARINA_MM = 30.0
+
+
+def carina_slice(hu: np.ndarray, lungs: np.ndarray, spacing) -> int | None:
+    """The axial slice (z ascending towards the head) where the trachea's lumen splits in two, or None where no
+    trachea is found: the trachea is the largest air column of tracheal size near the lungs' midline in the highest
+    slice that has one, followed down slice by slice."""
+    pixel_cm2 = spacing[1] * spacing[2] / 100.0
+    columns = np.flatnonzero(lungs.any(axis=(0, 1)))
+    if not len(columns):
+        return None
+    midline = (columns[0] + columns[-1]) / 2
+    lumen = None
+    for z in np.flatnonzero(lungs.any(axis=(1, 2)))[::-1]:
+        labels, count = ndimage.label((hu[z] < AIRWAY_HU) & lungs[z])
+        areas = np.bincount(labels.ravel(), minlength=count + 1) * pixel_cm2
+        if lumen is None:  # looking for the trachea
+            centres = ndimage.center_of_mass(labels > 0, labels, range(1, count + 1))
+            tracheal = [k for k, (_, x) in enumerate(centres, 1) if TRACHEA_CM2[0] <= areas[k] <= TRACHEA_CM2[1]
+                        and abs(x - midline) * spacing[2] <= TRACHEA_FROM_MIDLINE_MM]
+            if tracheal:
+                lumen = labels == max(tracheal, key=lambda k: areas[k])
+            continue
+        below = sorted((k for k in np.unique(labels[lumen]) if k and areas[k] >= BRONCHUS_MIN_CM2), key=lambda k: -areas[k])
+        if len(below) >= 2:
+            return int(z)
+        if not below or areas[below[0]] > TRACHEA_CM2[1]:  # lost, or run into lung: no split seen
+            return None
+        lumen = labels == below[0]
+    return None
+
+
+def station_fat(mediastinum: np.ndarray, hu: np.ndarray, lungs: np.ndarray, spacing) -> np.ndarray:
+    """The mediastinal fat of the node stations: at most STATIONS_BELOW_CARINA_MM below the carina (all of it where no
+    carina is found)."""
+    carina = carina_slice(hu, lungs, spacing)
+    if carina is None:
+        return mediastinum
+    floor = carina - int(round(STATIONS_BELOW_CARINA_MM / spacing[0]))
+    stations = mediastinum.copy()
+    stations[:max(floor, 0)] = False
+    return stations
+
+
 def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache: Path, name: str) -> np.ndarray:
     """The regions that may hold a real lesion: the outlined truth and the app's kept instances elsewhere."""
     probability = case_probability(name, hu, spacing, thorax, model, seg_config, cache)
@@ -67,7 +119,7 @@ def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cac
 
 
 def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Path, cascade_dir: Path,
-               cache: Path, kinds: list[str] | None = None, log=print) -> list[dict]:
+               cache: Path, kinds: list[str] | None = None, node_stations: bool = False, log=print) -> list[dict]:
     seg_config = network_config(seg_dir)
     model = prepared_network(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts"))), "cpu")
     cascade = load_cascade(cascade_dir)
@@ -83,6 +135,8 @@ def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Pat
         lungs[thorax.box] = thorax.lungs
         ignore = possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache, folder.name)
         mediastinum = mediastinum_mask(hu, lungs) & ~ignore
+        if node_stations:
+            mediastinum = station_fat(mediastinum, hu, lungs, spacing)
         noise_sd, blur = estimate_noise_and_blur(hu, spacing, lungs)
         for seed in range(seeds):
             rng = np.random.default_rng([seed, len(items)])
@@ -113,11 +167,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="cases per real background")
     parser.add_argument("--count", type=int, default=6, help="lesions inserted per case (fewer where room lacks)")
     parser.add_argument("--kinds", nargs="+", choices=sorted(KIND_WEIGHTS), help="these kinds (default: training.lesions.DEFAULT_KINDS)")
+    parser.add_argument("--node-stations", action="store_true",
+                        help="nodes only in the fat of the node stations, not further than "
+                             f"{STATIONS_BELOW_CARINA_MM:.0f} mm below the carina (not beside the heart)")
     parser.add_argument("--seg-model", type=Path, default=REPO / "models" / "lesion_seg")
     parser.add_argument("--cascade", type=Path, default=REPO / "models" / "cascade_fp")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "probability_cache")
     args = parser.parse_args(argv)
-    make_cases(args.real_train, args.out, args.seeds, args.count, args.seg_model, args.cascade, args.cache, args.kinds)
+    make_cases(args.real_train, args.out, args.seeds, args.count, args.seg_model, args.cascade, args.cache, args.kinds,
+               args.node_stations)
 
 
 if __name__ == "__main__":
