@@ -34,7 +34,7 @@ import torch
 from training import mine_candidates
 from training.evaluate_real import REPO, evaluate_sets
 from training.export import export
-from training.train import PRESETS, train
+from training.train import PRESETS, preset_config, train
 from training.train_cascade import train_cascade
 
 NETWORK_ALONE, WHOLE_PATHWAY = "segmentation alone", "full cascade: multiscale_cnn"
@@ -56,13 +56,13 @@ def patient_split(data: Path, patient: str, folder: Path) -> tuple[Path, Path]:
     splits = {"train": [item for item in items if item not in own], "test": own}
     for name, chosen in splits.items():
         for item in chosen:
-            for key in ("image", "label"):
-                source = (data / item[key]).resolve()
-                for path in (source, source.with_name(source.name.removesuffix(".nii.gz") + ".json")):
-                    link = folder / name / Path(item[key]).parent.name / path.name
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    if path.exists() and not link.is_symlink():
-                        link.symlink_to(path)
+            image, label = ((data / item[key]).resolve() for key in ("image", "label"))
+            description = label.with_name(label.name.removesuffix(".nii.gz") + ".json")  # the inserted lesions
+            for path, sub in ((image, "imagesTr"), (label, "labelsTr"), (description, "labelsTr")):
+                link = folder / name / sub / path.name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.is_symlink():
+                    link.symlink_to(path)
         spec = {"training": [{key: str((data / item[key]).resolve()) for key in ("image", "label")} for item in chosen]}
         if name == "train":
             spec["validation"] = [{key: str((data / own[0][key]).resolve()) for key in ("image", "label")}]
@@ -72,12 +72,9 @@ def patient_split(data: Path, patient: str, folder: Path) -> tuple[Path, Path]:
 
 def train_node_network(train_dir: Path, fold: Path, iterations: int) -> Path:
     """Steps 1-2: the node network, then trained on with more background; returns the exported model folder."""
-    first = dict(PRESETS["nodes"], preset="nodes", iterations=iterations,
-                 validate_every=min(PRESETS["nodes"]["validate_every"], iterations))
-    train([train_dir], fold / "nodes", first)
+    train([train_dir], fold / "nodes", preset_config("nodes", iterations))
     export(fold / "nodes", fold / "nodes" / "export", "last.pt")
-    second = dict(PRESETS["nodes_negatives"], preset="nodes_negatives", init=str((fold / "nodes" / "export").resolve()))
-    train([train_dir], fold / "nodes_negatives", second)
+    train([train_dir], fold / "nodes_negatives", preset_config("nodes_negatives", init=fold / "nodes" / "export"))
     export(fold / "nodes_negatives", fold / "nodes_negatives" / "export", "last.pt")
     return fold / "nodes_negatives" / "export"
 

@@ -86,7 +86,8 @@ def carina_slice(hu: np.ndarray, lungs: np.ndarray, spacing) -> int | None:
             if tracheal:
                 lumen = labels == max(tracheal, key=lambda k: areas[k])
             continue
-        below = sorted((k for k in np.unique(labels[lumen]) if k and areas[k] >= BRONCHUS_MIN_CM2), key=lambda k: -areas[k])
+        below = sorted((k for k in np.unique(labels[lumen]) if k and areas[k] >= BRONCHUS_MIN_CM2),
+                       key=lambda k: -areas[k])  # the largest first
         if len(below) >= 2:
             return int(z)
         if not below or areas[below[0]] > TRACHEA_CM2[1]:  # lost, or run into lung: no split seen

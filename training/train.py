@@ -321,6 +321,18 @@ def _validate_and_save(model, val_ds, config, state, optimizer, run_dir, losses,
     (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
 
 
+def preset_config(preset: str, iterations: int | None = None, init: Path | None = None) -> dict:
+    """A preset's settings, with its iteration count and its starting weights (an exported model folder) replaced
+    where given."""
+    config = dict(PRESETS[preset], preset=preset)
+    if iterations:
+        config["iterations"] = iterations
+        config["validate_every"] = min(config["validate_every"], iterations)
+    if init:
+        config["init"] = str(Path(init).resolve())  # the preset's own init is relative to the repository
+    return config
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, action="append", required=True,
@@ -334,16 +346,11 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = dict(PRESETS[args.preset], preset=args.preset)
-    if args.iterations:
-        config["iterations"] = args.iterations
-        config["validate_every"] = min(config["validate_every"], args.iterations)
+    if args.init and not (args.init / "model.ts").is_file():
+        parser.error(f"--init: no model.ts in {args.init}")
+    config = preset_config(args.preset, args.iterations, args.init)
     if args.max_minutes:
         config["max_minutes"] = args.max_minutes
-    if args.init:
-        if not (args.init / "model.ts").is_file():
-            parser.error(f"--init: no model.ts in {args.init}")
-        config["init"] = str(args.init.resolve())  # the preset's own init is relative to the repository
     state = train(args.data, args.run, config, resume=args.resume, val_count=args.val_count)
     print(f"done: {state['iteration']} iterations, best validation Dice {state['best_dice']:.4f} -> {args.run}")
 
