@@ -49,7 +49,7 @@ evaluate: $(VENV)/.ready
 	$(PY) -m training.scanner_variants --real $(REAL_TRAIN) --out data/scanner_variants
 	$(PY) -m training.evaluate_real --set "real-train (validation)" $(REAL_TRAIN) --set "validation phantoms" data/val \
 		--set "validation phantoms, wide kinds" data/val_wide \
-		$(foreach v,slices_6mm slices_9mm low_dose sharp_kernel,--set "real-train, $(v)" data/scanner_variants/$(v)) \
+		$(foreach v,slices_6mm slices_9mm low_dose sharp_kernel non_contrast,--set "real-train, $(v)" data/scanner_variants/$(v)) \
 		--out runs/eval_real/validation
 	$(PY) -m training.evaluate_real --set "real (test only)" $(REAL) --set "held-out phantoms" data/heldout \
 		--out runs/eval_real/test

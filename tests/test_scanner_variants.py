@@ -9,7 +9,7 @@ from operators.thorax_crop import ThoraxCrop
 from tests.conftest import WindowedSoftTissue
 from training.evaluate_real import case_probability, load_case
 from training.nifti import read_nifti, write_nifti
-from training.scanner_variants import low_dose, sharp_kernel, thicker_slices, write_dataset_variants
+from training.scanner_variants import low_dose, non_contrast, sharp_kernel, thicker_slices, write_dataset_variants
 from training.train import IGNORE
 
 
@@ -40,7 +40,8 @@ def test_a_training_set_keeps_its_ignore_regions_wherever_a_thick_slab_touches_o
     write_dataset_variants(tmp_path / "imagesTr", tmp_path / "labelsTr", tmp_path / "out", log=lambda *a, **k: None)
     truth, thick_spacing = read_nifti(tmp_path / "out" / "slices_9mm" / "labelsTr" / "case_s0.nii.gz")
     assert thick_spacing[0] == 9.0 and truth[2, 0, 0] == IGNORE and truth[1, 15, 15] == 2
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["low_dose", "sharp_kernel", "slices_6mm", "slices_9mm"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["low_dose", "non_contrast", "sharp_kernel", "slices_6mm",
+                                                                         "slices_9mm"]
     assert (tmp_path / "out" / "low_dose" / "labelsTr" / "case_s0.json").is_file()
 
 
@@ -52,6 +53,22 @@ def test_low_dose_adds_noise_and_the_sharp_kernel_only_changes_edges():
     sharp, _, _ = sharp_kernel(hu, labels, spacing)
     assert np.allclose(sharp[:, 0, 0], hu[:, 0, 0]) and np.allclose(sharp[3, 15, 15], hu[3, 15, 15], atol=1e-3)
     assert sharp[3, 10, 10] > hu[3, 10, 10]  # the lesion's edge overshoots
+
+
+def test_non_contrast_brings_iodinated_blood_to_unenhanced_blood_and_leaves_bone_and_lesions():
+    hu = np.full((12, 64, 64), -100.0, np.float32)  # fat
+    spacing = (3.0, 0.7, 0.7)
+    labels = np.zeros(hu.shape, np.int16)
+    hu[:, 10:20, 10:20] = 250.0  # an enhanced vessel along z
+    hu[:, 36:56, 36:56] = 900.0  # a vertebral body: cortex...
+    hu[:, 39:53, 39:53] = 250.0  # ...around marrow as bright as the blood
+    hu[4:8, 10:20, 30:40], labels[4:8, 10:20, 30:40] = 45.0, 1  # a lesion beside the vessel
+    image, same_labels, same_spacing = non_contrast(hu, labels, spacing)
+    assert same_labels is labels and same_spacing == spacing
+    assert abs(float(image[6, 15, 15]) - 40.0) < 5.0  # the vessel's centre
+    assert np.allclose(image[:, 39:53, 39:53], 250.0) and np.allclose(image[:, 36, 36:56], 900.0)
+    assert np.allclose(image[6, 12:18, 32:38], 45.0)  # the lesion's inside
+    assert float(image[6, 15, 21]) < float(hu[6, 15, 21]) + 1e-3  # fat beside the vessel: its partial volume goes too
 
 
 def test_a_variant_case_keeps_its_partial_truth(tmp_path):

@@ -12,7 +12,9 @@ on thick slices wherever a slab holds any IGNORE voxel. The variants:
 - `slices_6mm`, `slices_9mm`: thicker slices, the mean over slabs of 2 or 3 slices (from 3 mm slices: 6 and 9 mm,
   the range of older and low-dose protocols); a voxel of the truth is lesion where at least half its slab was;
 - `low_dose`: 50 HU more noise, slightly correlated in-plane like reconstructed CT noise;
-- `sharp_kernel`: a lung (edge-enhancing) kernel, the image plus 1.5 times its detail above a 1-voxel blur.
+- `sharp_kernel`: a lung (edge-enhancing) kernel, the image plus 1.5 times its detail above a 1-voxel blur;
+- `non_contrast`: iodinated blood (vessels, heart chambers) back to unenhanced blood, as on a scan without contrast
+  (hilar vessels then look like soft tissue, as nodes and tumours do).
 Only real-train may be varied for validation; the test-only cases stay untouched.
 """
 
@@ -32,6 +34,10 @@ from training.train import IGNORE
 SUFFIX = ".nii.gz"
 LOW_DOSE_NOISE_HU = 50.0
 SHARP_KERNEL_GAIN = 1.5
+ENHANCED_BLOOD_HU = (130.0, 500.0)  # iodinated blood and bone marrow; cortex lies above
+NEAR_CORTEX_MM = 3.0
+MARROW_NEAR_CORTEX_SHARE = 0.08  # bone regions: 0.15-0.65 of their voxels near cortex, vessels under 0.05 (real-train)
+UNENHANCED_BLOOD_HU = 40.0
 
 
 def thicker_slices(hu: np.ndarray, labels: np.ndarray, spacing, slab: int):
@@ -57,11 +63,32 @@ def sharp_kernel(hu: np.ndarray, labels: np.ndarray, spacing):
     return hu + SHARP_KERNEL_GAIN * (hu - ndimage.gaussian_filter(hu, (0, 1.0, 1.0))), labels, spacing
 
 
+def enhanced_blood(hu: np.ndarray, spacing) -> np.ndarray:
+    """Iodinated blood: the regions in the enhanced range (ENHANCED_BLOOD_HU), cut apart where they touch by a
+    one-voxel erosion, that lie mostly away from cortex (marrow lies within NEAR_CORTEX_MM of it), grown back by that
+    voxel. A vessel merged with bone stays out, as do vessels thinner than three voxels."""
+    enhanced = (hu >= ENHANCED_BLOOD_HU[0]) & (hu <= ENHANCED_BLOOD_HU[1])
+    regions, count = ndimage.label(ndimage.binary_erosion(enhanced))
+    near_cortex = ndimage.distance_transform_edt(hu <= ENHANCED_BLOOD_HU[1], sampling=spacing) <= NEAR_CORTEX_MM
+    share = (np.bincount(regions.ravel(), weights=near_cortex.ravel(), minlength=count + 1)
+             / np.maximum(np.bincount(regions.ravel(), minlength=count + 1), 1))
+    blood = np.concatenate([[False], share[1:] < MARROW_NEAR_CORTEX_SHARE])[regions]
+    return ndimage.binary_dilation(blood) & enhanced
+
+
+def non_contrast(hu: np.ndarray, labels: np.ndarray, spacing):
+    """Iodinated blood (enhanced_blood) at unenhanced blood's HU: it loses its excess over UNENHANCED_BLOOD_HU,
+    blurred by about a voxel so that partial-volume edges lose it too and the scan's own noise stays."""
+    excess = np.where(enhanced_blood(hu, spacing), hu - UNENHANCED_BLOOD_HU, 0.0).astype(np.float32)
+    return hu - ndimage.gaussian_filter(excess, (0.5, 0.8, 0.8)), labels, spacing
+
+
 VARIANTS = {
     "slices_6mm": lambda hu, labels, spacing: thicker_slices(hu, labels, spacing, 2),
     "slices_9mm": lambda hu, labels, spacing: thicker_slices(hu, labels, spacing, 3),
     "low_dose": low_dose,
     "sharp_kernel": sharp_kernel,
+    "non_contrast": non_contrast,
 }
 
 
