@@ -14,7 +14,8 @@ operator (the app's timing log), peak RSS, peak GPU memory where the app used a 
 Without --study, a phantom study of --slices slices of --slice-mm is generated (training.phantom, --seed).
 
 Accuracy (--accuracy): training.evaluate_real over the sets (default: the held-out phantoms of `make evaluate`
-and ../shared/data/real), once with the network in float32 and once in model.json's precision: lesions found and
+and ../shared/data/real), once with the network in float32 and once in model.json's precision, on the GPU where
+there is one (float16 autocast) and on the CPU otherwise (bfloat16 where native): lesions found and
 false lesions per set, every case where a lesion appears or disappears, and the largest probability difference
 (from the float16 probability cache, so differences under about 5e-4 are not resolved).
 
@@ -123,7 +124,7 @@ def speed(study: Path, runs: int, work: Path, log=print) -> dict:
 
 def accuracy(sets: dict[str, Path], out: Path, log=print) -> dict:
     """training.evaluate_real in float32 and in the shipped precision: per set found / false, what moved."""
-    from training.evaluate_real import evaluate_sets, network_config, network_key
+    from training.evaluate_real import evaluate_sets, inference_device, network_config, network_key
 
     seg_dir, cascade_dir = REPO / "models" / "lesion_seg", REPO / "models" / "cascade_fp"
     cache = REPO / "runs" / "probability_cache"
@@ -135,7 +136,8 @@ def accuracy(sets: dict[str, Path], out: Path, log=print) -> dict:
         reports[label] = json.loads((out / label / "report.json").read_text())["sets"]
         found = ", ".join(f"{name}: {s['detected']}/{s['measurable_lesions']} found" for name, s in summaries[label].items())
         log(f"accuracy, {label}: {found}", flush=True)
-    folders = {label: cache / network_key(seg_dir, network_config(seg_dir, p)) for label, p in variants.items()}
+    folders = {label: cache / network_key(seg_dir, network_config(seg_dir, p), inference_device())
+               for label, p in variants.items()}
     result = {}
     for name in sets:
         moved, largest = [], 0.0

@@ -9,8 +9,9 @@ dataset of training.make_dataset (`imagesTr/`, `labelsTr/` with each lesion's ki
 real CT, or lesions inserted into real CT by training.real_backgrounds (partial truth: the inserted lesions;
 the IGNORE regions, which may hold the scan's own lesions, are not truth). Per case the app's own plain
 functions run in the app's order: thoracic box (operators.thorax_crop), lesion probability and candidates
-(operators.lesion_segmentation), the cascade (operators.cascade_fp). The network's probability is cached per
-case and network (--cache), so other cascades are evaluated in seconds.
+(operators.lesion_segmentation), the cascade (operators.cascade_fp). The network runs where the app runs it
+(CUDA when there is a GPU, in model.json's precision for that device). Its probability is cached per case,
+network and device type (--cache), so other cascades are evaluated in seconds.
 
 Missed lesions name the step that lost them: "thorax box" (under half of it inside the box), "segmentation"
 (no candidate detects it; the network's highest probability inside it is given) or the cascade stage that
@@ -64,14 +65,22 @@ def network_config(seg_dir: Path, precision: str | None = None) -> dict:
     return config
 
 
-def network_key(seg_dir: Path, config: dict) -> str:
-    """Identifies a network and its inference settings (the cache key of its probabilities)."""
+def network_key(seg_dir: Path, config: dict, device: str = "cpu") -> str:
+    """Identifies a network and its inference settings on a device type (the cache key of its probabilities)."""
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
     digest.update((seg_dir / config.get("file", "model.ts")).read_bytes())
+    if device != "cpu":  # a GPU's probabilities (float16 there) never stand in for a CPU's (bfloat16)
+        digest.update(device.encode())
     return digest.hexdigest()[:12]
 
 
-def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_config: dict, cache: Path) -> np.ndarray:
+def inference_device() -> str:
+    """Where the evaluation runs the network: as the app does, on CUDA when there is a GPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_config: dict, cache: Path,
+                     device: str = "cpu") -> np.ndarray:
     """The network's lesion probability in the thorax box (cached as float16 in `cache`, with the box and a digest
     of the image: cases of one name in several sets, such as a case and its scanner variants, never share it)."""
     path = cache / f"{name}.npz"
@@ -81,7 +90,7 @@ def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_conf
         with np.load(path) as stored:
             if np.array_equal(stored["box"], box) and str(stored.get("digest", "")) == digest:
                 return stored["probability"].astype(np.float32)
-    probability = predict_lesion_probability(hu[thorax.box], spacing, model, seg_config)
+    probability = predict_lesion_probability(hu[thorax.box], spacing, model, seg_config, device)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, probability=probability.astype(np.float16), box=box, digest=digest)
@@ -126,7 +135,7 @@ def load_case(path: Path) -> tuple[str, np.ndarray, np.ndarray, tuple, dict]:
     return name, np.asarray(hu, np.float32), truth, spacing, {"lesions": lesions, "partial_truth": partial}
 
 
-def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache: Path) -> dict:
+def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache: Path, device: str = "cpu") -> dict:
     """One case: the app's steps, then every lesion and every kept instance described; "ablation" holds the
     metrics with each prefix of the cascade's stages (the last one is the whole cascade, "metrics")."""
     start = time.perf_counter()
@@ -140,7 +149,7 @@ def evaluate_real_case(path: Path, model, seg_config: dict, cascade: dict, cache
     except NoThoraxError:
         thorax = None
     if thorax is not None:
-        probability = case_probability(name, hu, spacing, thorax, model, seg_config, cache)
+        probability = case_probability(name, hu, spacing, thorax, model, seg_config, cache, device)
         network_max[thorax.box] = probability
         candidates = extract_candidates(probability, seg_config["probability_threshold"], spacing)
         for row, stages in stage_prefixes(cascade):
@@ -307,18 +316,20 @@ def format_report(sets: dict[str, list[dict]], summaries: dict[str, dict], kinds
 def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: Path, cache: Path, log=print,
                   precision: str | None = None) -> dict:
     """Every case of `sets` (name: folder), reports written into `out`; returns each set's summary.
-    `precision` overrides model.json's (the network's probabilities are cached in cache/<network_key>)."""
+    `precision` overrides model.json's (the network's probabilities are cached in cache/<network_key>). The network
+    runs on the `inference_device`."""
     seg_config = network_config(seg_dir, precision)
-    model = prepared_network(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts"))), "cpu")
+    device = inference_device()
+    model = prepared_network(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts"))), device)
     cascade = load_cascade(cascade_dir)
-    cache = cache / network_key(seg_dir, seg_config)
+    cache = cache / network_key(seg_dir, seg_config, device)
     folders = {name: list_cases(folder) for name, folder in sets.items()}
     total, done, start = sum(map(len, folders.values())), 0, time.perf_counter()
     results = {}
     for name, cases in folders.items():
         results[name] = []
         for folder in cases:
-            case = evaluate_real_case(folder, model, seg_config, cascade, cache)
+            case = evaluate_real_case(folder, model, seg_config, cascade, cache, device)
             results[name].append(case)
             done += 1
             found = sum(lesion["found"] for lesion in case["lesions"] if lesion["measurable"])
