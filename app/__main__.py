@@ -15,6 +15,7 @@ on to the child) and when the child dies (e.g. killed for memory), the staging f
 
 import argparse
 import contextlib
+import importlib.abc
 import io
 import logging
 import os
@@ -33,6 +34,24 @@ if (APP_DIR.parent / "operators").is_dir():
 EXIT_CANNOT_ANALYSE = 2
 EXIT_INTERNAL_ERROR = 1
 STAGING_ENV = "LUNG_MAP_STAGING"
+# Packages that MONAI imports at start-up wherever they are installed (its optional dependencies, MONAI 1.6.1) and
+# that this app never uses. On an image that holds them (GPU images often hold transformers, pandas, scikit-image,
+# tensorboard...) that costs seconds per study; the analysis process sees them as not installed (README Speed).
+UNUSED_OPTIONAL_PACKAGES = frozenset("""
+    apex batchgenerators bs4 clara clearml cucim einops fire gdown h5py huggingface_hub ignite IPython ipywidgets itk
+    kvikio lmdb lpips MetricsReloaded mlflow nni nrrd nvsubquadratic onnx onnxruntime openslide optuna pandas polygraphy
+    pyamg pynvml pypdf pywt segment_anything SimpleITK skimage sklearn squeeze_and_excitation stl tensorboard
+    tensorboardX tensorrt tifffile torch_tensorrt torchaudio torchio torchvision transformers trimesh zarr
+""".split())
+
+
+class UnusedPackageBlocker(importlib.abc.MetaPathFinder):
+    """Makes UNUSED_OPTIONAL_PACKAGES (and their submodules) fail to import, as if they were not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in UNUSED_OPTIONAL_PACKAGES:
+            raise ModuleNotFoundError(f"No module named {name!r} (not used by this app)", name=name)
+        return None
 
 
 def output_folder(argv: list[str]) -> Path:
@@ -98,6 +117,7 @@ def analyse(output: Path) -> int:
     if "HOLOSCAN_MODEL_PATH" not in os.environ and repo_models.is_dir():
         os.environ["HOLOSCAN_MODEL_PATH"] = str(repo_models)  # -m still overrides it
     logging.captureWarnings(True)
+    sys.meta_path.insert(0, UnusedPackageBlocker())
 
     from app import LungLesionApp
     from monai.deploy.core import parse_args

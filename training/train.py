@@ -341,6 +341,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--iterations", type=int, help="override the preset's iteration count")
     parser.add_argument("--max-minutes", type=float, help="wall-clock budget; the schedule anneals to fit it")
+    parser.add_argument("--learning-rate", type=float, help="override the preset's learning rate")
     parser.add_argument("--init", type=Path, help="start from the weights of this exported model folder (default: the preset's)")
     parser.add_argument("--val-count", type=int, default=4, help="cases held out for validation without a list")
     parser.add_argument("--resume", action="store_true")
@@ -351,6 +352,8 @@ def main(argv=None) -> None:
     config = preset_config(args.preset, args.iterations, args.init)
     if args.max_minutes:
         config["max_minutes"] = args.max_minutes
+    if args.learning_rate:
+        config["learning_rate"] = args.learning_rate
     state = train(args.data, args.run, config, resume=args.resume, val_count=args.val_count)
     print(f"done: {state['iteration']} iterations, best validation Dice {state['best_dice']:.4f} -> {args.run}")
 

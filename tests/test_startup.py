@@ -1,0 +1,50 @@
+"""Start-up of the analysis process (app/__main__.py): MONAI imports every optional package it finds; the packages
+this app never uses are kept out, so that an image holding them (transformers, pandas, ...) does not slow each study."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _app_main():
+    spec = importlib.util.spec_from_file_location("app_main", REPO / "app" / "__main__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_blocker_refuses_only_unused_packages():
+    main = _app_main()
+    blocker = main.UnusedPackageBlocker()
+    for name in ("transformers", "pandas.core", "skimage"):
+        with pytest.raises(ModuleNotFoundError):
+            blocker.find_spec(name)
+    for name in ("numpy", "torch", "pydicom", "highdicom", "matplotlib", "scipy", "cupy", "monai.inferers"):
+        assert blocker.find_spec(name) is None
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_graph_import_skips_unused_packages_that_are_installed(tmp_path, blocked):
+    """A package MONAI imports optionally (`einops`, a stand-in that records its import) is imported by the app's
+    graph module without the blocker and not with it; the graph module imports either way."""
+    package = tmp_path / "site" / "einops"
+    package.mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    code = "\n".join([
+        "import importlib.util, sys",
+        f"sys.path[:0] = [{str(tmp_path / 'site')!r}, {str(REPO / 'app')!r}, {str(REPO)!r}]",
+        f"spec = importlib.util.spec_from_file_location('app_main', {str(REPO / 'app' / '__main__.py')!r})",
+        "main = importlib.util.module_from_spec(spec); spec.loader.exec_module(main)",
+        "sys.meta_path.insert(0, main.UnusedPackageBlocker())" if blocked else "",
+        "from app import LungLesionApp",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert marker.exists() != blocked
