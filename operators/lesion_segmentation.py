@@ -6,6 +6,7 @@ Plain functions, free of app state (training/evaluate imports them):
   `network_input` (the HU clipped to each of `intensity_windows` and scaled to [0, 1]), sliding window over
   `patch_size` with `overlap` in the device's `precision`, softmax channel 1 (averaged over the mirrors of
   `mirror_axes`, where given), trilinear back to the input grid.
+- `inference_device()`: CUDA when there is a GPU, else the CPU.
 - `inference_precision(config, device)`: the precision the network runs in on this device.
 - `prepared_network(module, device)`: the TorchScript network on the device, frozen for inference.
 - `extract_candidates(probability, threshold, spacing)`: 26-connected instances above the
@@ -71,6 +72,11 @@ def network_input(hu: torch.Tensor, config: dict) -> torch.Tensor:
     clipped to its window and scaled to [0, 1]."""
     channels = [(hu.clamp(low, high) - low) / (high - low) for low, high in intensity_windows(config)]
     return channels[0] if len(channels) == 1 else torch.cat(channels, dim=-4)
+
+
+def inference_device() -> str:
+    """Where the network runs: CUDA when there is a GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def inference_precision(config: dict, device) -> torch.dtype:
@@ -158,7 +164,7 @@ class LesionSegmentationOperator(Operator):
 
     def __init__(self, fragment: Fragment, *args, app_context, model_name: str = "lesion_seg", **kwargs):
         model_dir = Path(app_context.model_path) / model_name
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = inference_device()
         self.config = load_model_config(model_dir)
         model = ModelFactory.create(model_dir / self.config.get("file", "model.ts"), model_name)
         if model is None:

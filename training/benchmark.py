@@ -72,12 +72,12 @@ def stock_path(study: Path) -> None:
     window, but over the whole volume, in float32, 4 windows per batch, with the network as stored (not frozen)."""
     import torch
 
-    from operators.lesion_segmentation import load_model_config, predict_lesion_probability
+    from operators.lesion_segmentation import inference_device, load_model_config, predict_lesion_probability
     from operators.series_selection import read_study
 
     model_dir = REPO / "models" / "lesion_seg"
     config = {**load_model_config(model_dir), "precision": {}, "overlap": 0.25, "sw_batch_size": 4}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = inference_device()
     model = torch.jit.load(str(model_dir / config["file"]), map_location=device).eval()
     volume = read_study(study)
     probability = predict_lesion_probability(volume.hu, volume.spacing, model, config, device)
@@ -124,7 +124,8 @@ def speed(study: Path, runs: int, work: Path, log=print) -> dict:
 
 def accuracy(sets: dict[str, Path], out: Path, log=print) -> dict:
     """training.evaluate_real in float32 and in the shipped precision: per set found / false, what moved."""
-    from training.evaluate_real import evaluate_sets, inference_device, network_config, network_key
+    from operators.lesion_segmentation import inference_device
+    from training.evaluate_real import evaluate_sets, network_config, network_key
 
     seg_dir, cascade_dir = REPO / "models" / "lesion_seg", REPO / "models" / "cascade_fp"
     cache = REPO / "runs" / "probability_cache"

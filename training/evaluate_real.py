@@ -42,8 +42,8 @@ import torch
 from scipy import ndimage
 
 from operators.cascade_fp import filter_candidates, learned_stage_names, load_cascade
-from operators.lesion_segmentation import (extract_candidates, load_model_config, predict_lesion_probability,
-                                          prepared_network)
+from operators.lesion_segmentation import (extract_candidates, inference_device, load_model_config,
+                                          predict_lesion_probability, prepared_network)
 from operators.measurements import axial_diameters, lesion_location
 from operators.thorax_crop import NoThoraxError, crop_thorax
 from training.ablation import stage_prefixes
@@ -72,11 +72,6 @@ def network_key(seg_dir: Path, config: dict, device: str = "cpu") -> str:
     if device != "cpu":  # a GPU's probabilities (float16 there) never stand in for a CPU's (bfloat16)
         digest.update(device.encode())
     return digest.hexdigest()[:12]
-
-
-def inference_device() -> str:
-    """Where the evaluation runs the network: as the app does, on CUDA when there is a GPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_config: dict, cache: Path,
