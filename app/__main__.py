@@ -113,6 +113,9 @@ def analyse(output: Path) -> int:
     error_stream = os.fdopen(os.dup(2), "w", buffering=1)  # line-buffered: the process ends by os._exit
     os.dup2(1, 2)  # every log (Python, Holoscan) to stdout; stderr is left for the one-line verdict
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+    # numpy asks the kernel for transparent huge pages for large arrays; where it grants them on demand (the
+    # madvise setting), each new volume-sized array costs seconds more in page faults (README Speed).
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     repo_models = APP_DIR.parent / "models"
     if "HOLOSCAN_MODEL_PATH" not in os.environ and repo_models.is_dir():
         os.environ["HOLOSCAN_MODEL_PATH"] = str(repo_models)  # -m still overrides it

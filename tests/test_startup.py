@@ -1,9 +1,11 @@
 """Start-up of the analysis process (app/__main__.py): MONAI imports every optional package it finds; the packages
-this app never uses are kept out, so that an image holding them (transformers, pandas, ...) does not slow each study."""
+this app never uses are kept out, so that an image holding them (transformers, pandas, ...) does not slow each study.
+numpy's huge-page advice is off there unless the environment asks for it."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -48,3 +50,24 @@ def test_graph_import_skips_unused_packages_that_are_installed(tmp_path, blocked
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert marker.exists() != blocked
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "False"), ("1", "True")])
+def test_analysis_process_turns_numpy_huge_page_advice_off(tmp_path, setting, expected):
+    """The analysis process (here with -h, which imports the app and stops) runs with numpy's madvise(MADV_HUGEPAGE)
+    off, unless NUMPY_MADVISE_HUGEPAGE says otherwise."""
+    code = "\n".join([
+        "import importlib.util, pathlib, sys",
+        f"sys.path[:0] = [{str(REPO / 'app')!r}, {str(REPO)!r}]",
+        f"spec = importlib.util.spec_from_file_location('app_main', {str(REPO / 'app' / '__main__.py')!r})",
+        "main = importlib.util.module_from_spec(spec); spec.loader.exec_module(main)",
+        "sys.argv = ['app', '-h']",
+        f"assert main.analyse(pathlib.Path({str(tmp_path)!r})) == 0",
+        "import numpy; print('huge pages', numpy._core.multiarray._get_madvise_hugepage())",
+    ])
+    env = {key: value for key, value in os.environ.items() if key != "NUMPY_MADVISE_HUGEPAGE"}
+    if setting is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = setting
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"huge pages {expected}" in result.stdout
