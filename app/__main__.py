@@ -125,7 +125,9 @@ def analyse(output: Path) -> int:
     from app import LungLesionApp
     from monai.deploy.core import parse_args
     from operators.report_writer import split_output_flags
-    from operators.volume import StudyError
+    from operators.volume import StudyError, keep_freed_memory
+
+    keep_freed_memory()
 
     output_flags, sys.argv[1:] = split_output_flags(sys.argv[1:])
     usage = io.StringIO()

@@ -25,8 +25,6 @@ What the stock SDK path (monai-deploy-app-sdk 4.0.0) does on real archives, and 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
@@ -52,7 +50,8 @@ from monai.deploy.core.domain.dicom_series_selection import SelectedSeries, Stud
 from monai.deploy.exceptions import ItemNotExistsError
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
 
-from operators.volume import TILT_TOLERANCE_MM, CTVolume, StudyError, tilt_offsets_mm, timed_compute
+from operators.volume import (TILT_TOLERANCE_MM, CTVolume, StudyError, return_freed_memory, tilt_offsets_mm,
+                              timed_compute)
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +347,7 @@ class CTVolumeOperator(DICOMSeriesToVolumeOperator):
         )
         for dataset in datasets:  # the volume holds the pixels now: the headers alone go on
             del dataset.PixelData
-        _return_freed_memory()
+        return_freed_memory()
         log.info("volume %s, spacing %s mm", volume.hu.shape, tuple(round(s, 3) for s in volume.spacing))
         return volume
 
@@ -376,14 +375,6 @@ def check_memory(slices: int, rows: int, columns: int, available: int) -> None:
         raise StudyError(f"the series is too large for the memory available: {slices} slices of {rows} x {columns} "
                          f"need about {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB are available "
                          f"(the container's memory limit, or the system's free memory)")
-
-
-def _return_freed_memory() -> None:
-    """Hand the freed heap back to the system (glibc keeps freed blocks of a few hundred KB, such as one slice's
-    pixels, for reuse: without this, dropping a series' pixel data would not lower the peak that follows)."""
-    malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)  # glibc only
-    if malloc_trim:
-        malloc_trim(0)
 
 
 def read_study(input_folder: Path) -> CTVolume:
