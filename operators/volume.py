@@ -44,7 +44,7 @@ class CTVolume:
     series_uid: str
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 MALLOC_THRESHOLD_MAX = 2**31 - 1  # mallopt takes an int
 
 
@@ -54,13 +54,15 @@ def _libc_function(name: str):
 
 def keep_freed_memory() -> None:
     """Let glibc's malloc keep freed memory for reuse within the process (the analysis process sets this at its start).
-    By default each block over its mmap threshold (at most 32 MB) is a mapping of its own, unmapped when freed, so
-    every new array of that size faults its pages in again: the network's sliding window spent most of its system
-    time there (README Speed). `timed_compute` hands what an operator freed back after each operator."""
+    By default each block over its mmap threshold (at most 32 MB), and on threads other than the main one each block
+    over their heaps' 64 MB, is a mapping of its own, unmapped when freed, so every new array of that size faults its
+    pages in again: the network's sliding window spent most of its system time there (README Speed). `timed_compute`
+    hands what an operator freed back after each operator."""
     mallopt = _libc_function("mallopt")
     if mallopt:
         for parameter in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
             mallopt(parameter, MALLOC_THRESHOLD_MAX)
+        mallopt(M_ARENA_MAX, 1)  # the operators run on the scheduler's threads: their blocks, too, in the main heap
 
 
 def return_freed_memory() -> None:
