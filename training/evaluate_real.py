@@ -46,6 +46,7 @@ from operators.lesion_segmentation import (extract_candidates, inference_device,
                                           predict_lesion_probability, prepared_network)
 from operators.measurements import axial_diameters, lesion_location
 from operators.thorax_crop import NoThoraxError, crop_thorax
+from operators.volume import keep_freed_memory, return_freed_memory
 from training.ablation import stage_prefixes
 from training.metrics import CaseResult, evaluate_case, summarize
 from training.mine_candidates import match_candidates
@@ -325,6 +326,7 @@ def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: 
         results[name] = []
         for folder in cases:
             case = evaluate_real_case(folder, model, seg_config, cascade, cache, device)
+            return_freed_memory()
             results[name].append(case)
             done += 1
             found = sum(lesion["found"] for lesion in case["lesions"] if lesion["measurable"])
@@ -365,6 +367,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     evaluate_sets({name: Path(folder) for name, folder in args.set}, args.seg_model, args.cascade, args.out, args.cache,
                   precision=args.precision)
 

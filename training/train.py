@@ -28,6 +28,7 @@ from monai.data import CacheDataset, DataLoader
 from monai.networks.nets import DynUNet
 
 from operators.lesion_segmentation import intensity_windows, network_input
+from operators.volume import keep_freed_memory
 
 log = logging.getLogger("train")
 
@@ -347,6 +348,7 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    keep_freed_memory()
     if args.init and not (args.init / "model.ts").is_file():
         parser.error(f"--init: no model.ts in {args.init}")
     config = preset_config(args.preset, args.iterations, args.init)
