@@ -48,6 +48,7 @@ from operators.lesion_segmentation import (Candidates, extract_candidates, load_
                                           prepared_network)
 from operators.measurements import axial_diameters
 from operators.thorax_crop import NoThoraxError, crop_thorax
+from operators.volume import keep_freed_memory, return_freed_memory
 from training.metrics import DETECTION_DICE
 from training.nifti import read_nifti
 from training.phantom import generate_phantom
@@ -188,6 +189,7 @@ _WORKER = {}
 
 def _init_worker(seg_dir: str, threads: int) -> None:
     torch.set_num_threads(threads)
+    keep_freed_memory()
     _WORKER["config"] = load_model_config(Path(seg_dir))
     _WORKER["model"] = prepared_network(torch.jit.load(str(Path(seg_dir) / "model.ts")), "cpu")
 
@@ -201,6 +203,7 @@ def _run(job: tuple) -> str:
     case = phantom_case(*source) if isinstance(source[0], int) else nifti_case(*source)
     load_s = time.perf_counter() - start
     record, times = mine_case(name, case, _WORKER["model"], _WORKER["config"], patch_spec)
+    return_freed_memory()
     start = time.perf_counter()
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, timings=json.dumps({"load": load_s, **times}), **record)
