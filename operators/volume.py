@@ -48,12 +48,18 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt 
 MALLOC_THRESHOLD_MAX = 2**31 - 1  # mallopt takes an int
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"))  # find_library runs ldconfig: once per process
+
+
 def _libc_function(name: str):
-    return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name, None)  # None without glibc
+    return getattr(_libc(), name, None)  # None without glibc
 
 
 def keep_freed_memory() -> None:
-    """Let glibc's malloc keep freed memory for reuse within the process (the analysis process sets this at its start).
+    """Let glibc's malloc keep freed memory for reuse within the process (the analysis process, training and evaluation
+    set this at their start).
     By default each block over its mmap threshold (at most 32 MB), and on threads other than the main one each block
     over their heaps' 64 MB, is a mapping of its own, unmapped when freed, so every new array of that size faults its
     pages in again: the network's sliding window spent most of its system time there (README Speed). `timed_compute`

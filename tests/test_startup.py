@@ -14,6 +14,13 @@ import pytest
 from tests.conftest import REPO
 
 
+# Code that loads app/__main__.py as module `main` in a child interpreter (importlib.util imported)
+LOAD_APP_MAIN = "\n".join([
+    f"spec = importlib.util.spec_from_file_location('app_main', {str(REPO / 'app' / '__main__.py')!r})",
+    "main = importlib.util.module_from_spec(spec); spec.loader.exec_module(main)",
+])
+
+
 def _app_main():
     spec = importlib.util.spec_from_file_location("app_main", REPO / "app" / "__main__.py")
     module = importlib.util.module_from_spec(spec)
@@ -42,8 +49,7 @@ def test_graph_import_skips_unused_packages_that_are_installed(tmp_path, blocked
     code = "\n".join([
         "import importlib.util, sys",
         f"sys.path[:0] = [{str(tmp_path / 'site')!r}, {str(REPO / 'app')!r}, {str(REPO)!r}]",
-        f"spec = importlib.util.spec_from_file_location('app_main', {str(REPO / 'app' / '__main__.py')!r})",
-        "main = importlib.util.module_from_spec(spec); spec.loader.exec_module(main)",
+        LOAD_APP_MAIN,
         "sys.meta_path.insert(0, main.UnusedPackageBlocker())" if blocked else "",
         "from app import LungLesionApp",
     ])
@@ -59,8 +65,7 @@ def test_analysis_process_turns_numpy_huge_page_advice_off(tmp_path, setting, ex
     code = "\n".join([
         "import importlib.util, pathlib, sys",
         f"sys.path[:0] = [{str(REPO / 'app')!r}, {str(REPO)!r}]",
-        f"spec = importlib.util.spec_from_file_location('app_main', {str(REPO / 'app' / '__main__.py')!r})",
-        "main = importlib.util.module_from_spec(spec); spec.loader.exec_module(main)",
+        LOAD_APP_MAIN,
         "sys.argv = ['app', '-h']",
         f"assert main.analyse(pathlib.Path({str(tmp_path)!r})) == 0",
         "import numpy; print('huge pages', numpy._core.multiarray._get_madvise_hugepage())",
