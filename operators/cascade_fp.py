@@ -48,7 +48,7 @@ from scipy import ndimage
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from operators.lesion_segmentation import Candidates
-from operators.measurements import axial_diameters, relabel
+from operators.measurements import axial_diameters, instance_boxes, relabel
 from operators.thorax_crop import ThoraxCrop
 from operators.volume import CTVolume, timed_compute
 
@@ -97,7 +97,7 @@ def _elongation(mask: np.ndarray, spacing) -> float:
 def candidate_features(candidates: Candidates, hu: np.ndarray, spacing, region: np.ndarray) -> list[dict]:
     """Measured features of each candidate (list index k - 1 for instance k); `region` from `thorax_region`."""
     features = []
-    for k, box in enumerate(ndimage.find_objects(candidates.labels), start=1):
+    for k, box in enumerate(instance_boxes(candidates.labels), start=1):
         mask = candidates.labels[box] == k
         diameters = axial_diameters(mask, spacing)
         features.append({
@@ -151,7 +151,7 @@ def multiscale_patches(labels: np.ndarray, hu: np.ndarray, spacing, spec: dict, 
     """
     size = int(spec["size"])
     low, high = spec["intensity_window_hu"]
-    boxes = ndimage.find_objects(labels)
+    boxes = instance_boxes(labels)
     indices = range(len(boxes)) if indices is None else indices
     steps = cell_centres(size)
     patches = np.zeros((len(indices), len(spec["fov_mm"]), 2, size, size, size), np.float32)

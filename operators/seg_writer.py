@@ -38,12 +38,11 @@ from pydicom.datadict import dictionary_VM
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
-from scipy import ndimage
 
 from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 
-from operators.measurements import (LUNG_SHELL_MM, axial_diameters, lesion_location, longest_diameter_3d, lung_contact,
-                                   recist_burden)
+from operators.measurements import (LUNG_SHELL_MM, axial_diameters, instance_boxes, lesion_location, longest_diameter_3d,
+                                   lung_contact, recist_burden)
 from operators.thorax_crop import ThoraxCrop
 from operators.volume import TILT_TOLERANCE_MM, tilt_offsets_mm, timed_compute
 
@@ -108,7 +107,7 @@ def lesion_records(source_datasets: Sequence[Dataset], instance_labels: np.ndarr
     lung_box = None if lungs is None else _lung_box_mm(lungs, to_patient)
     pad = np.ceil(LUNG_SHELL_MM / np.asarray(spacing)).astype(int) + 1
     records = []
-    for number, (box, score) in enumerate(zip(ndimage.find_objects(instance_labels, len(scores)), scores), 1):
+    for number, (box, score) in enumerate(zip(instance_boxes(instance_labels, len(scores)), scores), 1):
         if box is None:
             raise ValueError(f"lesion {number} has no voxels")
         mask = instance_labels[box] == number

@@ -25,7 +25,6 @@ What the stock SDK path (monai-deploy-app-sdk 4.0.0) does on real archives, and 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -120,6 +119,12 @@ def _numbers(element, count: int) -> bool:
         return False
 
 
+def _same_image(path: str, dataset: Dataset) -> bool:
+    """Whether the file `path` holds the pixel data of `dataset`."""
+    first = read_instance(path)
+    return isinstance(first, Dataset) and (first.get("PixelData") or b"") == (dataset.get("PixelData") or b"")
+
+
 class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
     """The SDK loader that skips non-DICOM, unreadable, truncated and duplicate files, refuses two different
     files with one SOP Instance UID, and tolerates empty series attributes."""
@@ -133,7 +138,7 @@ class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
             visited.add(os.path.realpath(folder))
             subfolders.sort()
             found += [os.path.join(folder, name) for name in sorted(names)]
-        others, contents = 0, {}
+        others, first_of_uid = 0, {}
         for item in found:
             instance = read_instance(item)
             if instance == NO_MARKER:
@@ -142,11 +147,10 @@ class RobustDICOMDataLoaderOperator(DICOMDataLoaderOperator):
                 log.warning("skipped %s: %s", os.path.relpath(item, path), instance)
             else:
                 uid = str(instance.get("SOPInstanceUID", ""))
-                digest = hashlib.sha1(instance.get("PixelData") or b"").digest()
-                if uid not in contents:
-                    contents[uid] = digest
+                if uid not in first_of_uid:  # the file, not its dataset: its pixel data is read again on a repeat only
+                    first_of_uid[uid] = item
                     files.append(item)
-                elif contents[uid] != digest:
+                elif not _same_image(first_of_uid[uid], instance):
                     raise StudyError(f"two files with different images have one SOP Instance UID ({uid})")
         if others:
             log.info("ignored %d of %d files without the DICOM marker", others, len(found))

@@ -20,8 +20,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
+from scipy import ndimage
 
-from operators.measurements import lesion_location, recist_burden
+from operators.measurements import instance_boxes, lesion_location, recist_burden
 from operators.report_writer import PDF_DICOM_FILE, PDF_FILE, output_switches, split_output_flags, write_reports
 from operators.seg_writer import LESIONS_FILE, SEG_FILE, lesion_records, write_lesion_outputs
 from operators.sr_report import BURDEN_MEASUREMENTS, BURDEN_TRACKING_ID, LESION_MEASUREMENTS, SR_FILE, finding_site
@@ -133,6 +134,18 @@ def test_location_side_zone_hilum_mediastinum():
     assert lesion_location([10.0, 0, 80], 0.9, (0.0, 40.0, 0.0, 90.0))["text"] == "right lung, upper zone"
     # Against the chest wall (little lung contact, lateral) the lesion is still a lung lesion.
     assert lesion_location([1.0, 0, 45], 0.3, (0.0, 40.0, 0.0, 90.0))["region"] == "lung"
+
+
+def test_instance_boxes_are_find_objects():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((40, 50, 60), np.int32)
+    for number in (1, 2, 4):  # instance 3 absent
+        z, y, x = rng.integers(5, 35, 3)
+        labels[z:z + rng.integers(1, 5), y:y + rng.integers(1, 9), x:x + rng.integers(1, 9)] = number
+    for count in (0, 4, 6):
+        assert instance_boxes(labels, count) == ndimage.find_objects(labels, count)
+    assert instance_boxes(np.zeros_like(labels), 2) == ndimage.find_objects(np.zeros_like(labels), 2) == [None, None]
+    assert instance_boxes(np.zeros_like(labels)) == ndimage.find_objects(np.zeros_like(labels)) == []
 
 
 def test_recist_burden_targets():
