@@ -63,6 +63,9 @@ PRESETS["nodes"] = dict(MODEL, intensity_window_hu=SOFT_TISSUE_WINDOW_HU, patch_
 # The node network trained on: four times as many background patches (its false components were pericardial and
 # mediastinal soft tissue), at half the learning rate (tried, not shipped: model card).
 PRESETS["nodes_negatives"] = dict(PRESETS["nodes"], background_ratio=20, iterations=700, learning_rate=1e-3)
+# Fine-tuning with 2.4 times the background patch weight: the ground-glass fine-tuning's new false findings were
+# upper-abdominal and para-aortic structures of real scans (tried: model card).
+PRESETS["finetune_negatives"] = dict(PRESETS["finetune"], background_ratio=12)
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
 BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion (or `background_ratio`)
