@@ -44,6 +44,7 @@ NOT_IMAGED_HU = -1100.0  # below any air: padding outside the reconstruction cir
 MIN_CUT_LUNG_ML = 50.0
 CUT_LUNG_MEDIAN_HU = -900.0
 CUT_LUNG_IN_OUTLINE = 0.1
+HULL_TOLERANCE = 1e-6  # voxels: a voxel centre this close to a hull edge lies on it
 
 
 class NoThoraxError(StudyError):
@@ -73,16 +74,30 @@ def _fill_axial_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _axial_convex_hulls(mask: np.ndarray) -> np.ndarray:
-    """Per axial plane, the mask's filled convex hull."""
+    """Per axial plane, the mask's filled convex hull: the hull of each row's first and last voxel (the same hull),
+    filled row by row between the column bounds that its edges set (voxels on an edge are inside)."""
     hulls = np.zeros_like(mask)
-    grid = np.indices(mask.shape[1:]).reshape(2, -1).T
     for z, plane in enumerate(mask):
-        points = np.argwhere(plane)
+        rows = np.flatnonzero(plane.any(axis=1))
+        if len(rows) == 0:
+            continue
+        inner = plane[rows[0]:rows[-1] + 1]
+        filled = np.flatnonzero(inner.any(axis=1))
+        first = np.argmax(inner[filled], axis=1)
+        last = inner.shape[1] - 1 - np.argmax(inner[filled, ::-1], axis=1)
+        ends = np.concatenate([np.stack([filled, first], 1), np.stack([filled, last], 1)])
         try:
-            equations = ConvexHull(points).equations
+            equations = ConvexHull(ends).equations
         except (QhullError, ValueError):  # fewer than three points, or all on a line
             continue
-        hulls[z] = (grid @ equations[:, :2].T + equations[:, 2] <= 1e-9).all(axis=1).reshape(plane.shape)
+        # Edge (a, b, d) keeps (row r, column c) where a r + b c + d <= 0: a column bound per row where b != 0.
+        slack = -(np.arange(len(inner))[:, None] * equations[:, 0] + equations[:, 2])  # b c <= slack
+        b = equations[:, 1]
+        low = np.ceil(slack[:, b < 0] / b[b < 0] - HULL_TOLERANCE).max(axis=1, initial=0)
+        high = np.floor(slack[:, b > 0] / b[b > 0] + HULL_TOLERANCE).min(axis=1, initial=plane.shape[1] - 1)
+        high[(slack[:, b == 0] < -HULL_TOLERANCE).any(axis=1)] = -1
+        columns = np.arange(plane.shape[1])
+        hulls[z, rows[0]:rows[-1] + 1] = (columns >= low[:, None]) & (columns <= high[:, None])
     return hulls
 
 
@@ -114,7 +129,9 @@ def _coarse_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, tupl
     """Body and lung masks on the strided grid, and the strides used."""
     strides = _strides(spacing)
     planes = hu[::strides[0]].astype(np.float32, copy=False)
-    small = ndimage.uniform_filter(planes, size=(1, strides[1], strides[2]))[:, ::strides[1], ::strides[2]]
+    # uniform_filter(size=(1, sy, sx)) sampled at every stride: its second pass only along the sampled rows
+    rows = ndimage.uniform_filter1d(planes, strides[1], axis=1)[:, ::strides[1]]
+    small = ndimage.uniform_filter1d(rows, strides[2], axis=2)[:, :, ::strides[2]]
     tissue = small > BODY_HU
     opened = ndimage.binary_opening(tissue, structure=np.ones((1, 3, 3), bool))  # detaches table, cables
     body = _fill_axial_holes(_largest_component(opened))
@@ -138,7 +155,7 @@ def _coarse_masks(hu: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, tupl
     labels, large = _components(open_air, voxel_ml, MIN_CUT_LUNG_ML)
     touching = np.intersect1d(large, labels[:, edge])
     if len(touching):
-        medians = np.asarray(ndimage.median(small, labels, touching))
+        medians = np.array([np.median(small[labels == label]) for label in touching])  # ndimage.median sorts all
         inside = np.asarray(ndimage.mean(outline, labels, touching))
         lungs |= np.isin(labels, touching[(medians > CUT_LUNG_MEDIAN_HU) & (inside >= CUT_LUNG_IN_OUTLINE)])
     return body | lungs, lungs, strides

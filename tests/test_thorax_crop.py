@@ -6,7 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from operators.thorax_crop import NoThoraxError, body_and_lung_masks, crop_thorax
+from scipy.spatial import ConvexHull
+
+from operators.thorax_crop import NoThoraxError, _axial_convex_hulls, body_and_lung_masks, crop_thorax
 from tests.conftest import REAL_CASES, hu_volume, read_series, real_case
 
 
@@ -67,6 +69,24 @@ def test_masks_are_fast_on_a_large_volume(phantom_study):
     crop_thorax(hu, phantom_study[1].spacing)
     assert time.perf_counter() - start < 10.0
     assert body.shape == lungs.shape == hu.shape and not (lungs & ~body).any()
+
+
+def test_axial_convex_hulls_hold_exactly_the_hull_voxels():
+    """Filled row by row, the hulls hold exactly the voxels that every hull edge keeps (on an edge: inside)."""
+    rng = np.random.default_rng(3)
+    planes = np.zeros((6, 40, 50), bool)
+    for plane in planes[:4]:
+        for _ in range(3):  # blobs, some far apart, so that hull edges cross empty rows and columns
+            y, x = rng.integers(0, 36), rng.integers(0, 46)
+            plane[y:y + rng.integers(1, 5), x:x + rng.integers(1, 5)] = True
+    planes[4, 5:30, 10] = True  # all on a line: no hull
+    grid = np.indices(planes.shape[1:]).reshape(2, -1).T
+    for plane, hull in zip(planes, _axial_convex_hulls(planes)):
+        if plane[:, 10].sum() == plane.sum() or not plane.any():
+            assert not hull.any()
+            continue
+        equations = ConvexHull(np.argwhere(plane)).equations
+        assert np.array_equal(hull, (grid @ equations[:, :2].T + equations[:, 2] <= 1e-9).all(axis=1).reshape(hull.shape))
 
 
 def _thin_walled_chest(spacing=(2.0, 0.8, 0.8), slices=60):
