@@ -18,8 +18,8 @@ from training.cross_validate_nodes import fold_row, format_table, patient_split,
 from training.evaluate_real import list_cases
 from training.mine_candidates import match_candidates, near_misses
 from training.train_cascade import (MeanProbability, MultiscaleCNN, Standardized, augment, cascade_spec,
-                                    export_stage, judged_size_limit, shipped_members, threshold_for_retention,
-                                    train_cnn, train_feature_classifier)
+                                    export_stage, judged_size_limit, set_thresholds, shipped_members,
+                                    threshold_for_retention, train_cnn, train_feature_classifier)
 
 SPEC = {"fov_mm": [20, 40, 80], "size": 24, "intensity_window_hu": [-1000, 400]}
 FEATURE_STAGE = shipped_feature_stage(min_long_axis_mm=10.0)  # the tests' sizes assume a 10 mm rule
@@ -308,6 +308,38 @@ def test_a_learned_stage_does_not_judge_masses_larger_than_it_learned_to_reject(
     assert "dropped_by" not in mass and "cnn_probability" not in mass
     assert mass["cnn_not_judged"] == "a mass over 20 mm, larger than it learned to reject"
     assert result.labels.max() == 1 and result.scores == [pytest.approx(1.0)]
+
+
+def test_thresholds_set_again_on_more_validation_candidates(tmp_path):
+    """--thresholds-only: the learned stage's new threshold keeps the asked share of the true candidates that reach
+    it and that it judges (not those stage 1 drops, ambiguous ones or masses it does not judge); weights, size limit
+    and stage 1 stay."""
+    rng = np.random.default_rng(0)
+    count = 24
+    names = ["long_axis_mm", "thorax_fraction", "mean_hu", "elongation", "volume_ml", "max_probability"]
+    features = np.tile(np.array([15.0, 1.0, 0.0, 1.5, 1.0, 0.9], np.float32), (count, 1))  # 12.4 mm: judged
+    features[0, 0] = 3.0  # dropped by stage 1
+    features[1, 4] = 50.0  # 46 mm: not judged
+    labels = np.array([1, 1] + [1, 0, -1] * 7 + [1], np.int8)
+    patches = rng.random((count, 3, 2, 24, 24, 24)).astype(np.float16)
+    mined = tmp_path / "mined"
+    mined.mkdir()
+    np.savez(mined / "case.npz", feature_names=names, features=features, patches=patches, label=labels,
+             near_miss_features=features[:0], near_miss_patches=patches[:0])
+    shipped = REPO / "models" / "cascade_fp"
+    record = set_thresholds(shipped, [mined], tmp_path / "out", retention=0.9, log=lambda line: None)
+
+    before, after = (json.loads((d / "model.json").read_text()) for d in (shipped, tmp_path / "out"))
+    cnn = load_cascade(shipped)["stages"][1]
+    judged = np.arange(2, count)
+    p = stage_probability(cnn, [], patches[judged])
+    expected = threshold_for_retention(p[labels[judged] == 1], 0.9)
+    assert after["stages"][1]["threshold"] == pytest.approx(expected)
+    assert record["stages"]["multiscale_cnn"]["validation_judged"] == {"true": 8, "false": 7}
+    assert after["stages"][0] == before["stages"][0]
+    assert {k: v for k, v in after["stages"][1].items() if k != "threshold"} == \
+        {k: v for k, v in before["stages"][1].items() if k != "threshold"}
+    assert (tmp_path / "out" / "multiscale_cnn.ts").read_bytes() == (shipped / "multiscale_cnn.ts").read_bytes()
 
 
 def test_the_repository_cascade_loads():

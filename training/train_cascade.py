@@ -27,6 +27,13 @@ such a mass from a lesion. Its threshold is the highest that keeps >= `retention
 candidates that reach it and that it judges.
 Writes OUT/<stage>.ts (TorchScript, probability [N]) and OUT/model.json (stages, thresholds, the
 training record).
+
+    python -m training.train_cascade --thresholds-only --init models/cascade_fp --val MINED ... --out OUT \
+        --retention 0.99
+
+sets the thresholds of the learned stages exported in --init again on the --val folders, by the same rule, and
+keeps their weights and size limits: more validation candidates than a stage was first set on give a threshold
+that depends less on its single lowest true score.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +50,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from operators.cascade_fp import cell_centres, equivalent_diameter_mm, run_stages, stage_judges
+from operators.cascade_fp import cell_centres, equivalent_diameter_mm, run_stages, stage_judges, stage_probability
 
 SHIPPED_CASCADE = Path(__file__).resolve().parents[1] / "models" / "cascade_fp"
 
@@ -366,9 +374,46 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
     return record
 
 
+def set_thresholds(cascade_dir: Path, val_dirs: list[Path], out: Path, retention: float, log=print) -> dict:
+    """Set the threshold of every learned stage of the cascade in `cascade_dir` on `val_dirs` (module docstring);
+    write OUT/model.json with its stage files. Returns the record of the new thresholds."""
+    cascade = json.loads((cascade_dir / "model.json").read_text())
+    val = load_folders(val_dirs)
+    log(f"loaded {len(val['labels'])} validation candidates {_counts(val)} from {len(val['cases'])} cases")
+    out.mkdir(parents=True, exist_ok=True)
+    stages, record = [], {"retention_target": retention, "folders": [str(d) for d in val_dirs], "stages": {}}
+    for stage in sorted(cascade["stages"], key=lambda s: s["order"]):
+        if stage["type"] != "features":
+            module = torch.jit.load(str(cascade_dir / stage["file"]))
+            index = [i for i in _survivors(val, stages)
+                     if val["labels"][i] >= 0 and stage_judges(stage, val["features"][i])]
+            labels = val["labels"][index]
+            p = stage_probability({**stage, "module": module}, [val["features"][i] for i in index],
+                                  val["patches"][index])
+            previous, stage["threshold"] = stage["threshold"], threshold_for_retention(p[labels == 1], retention)
+            if out.resolve() != cascade_dir.resolve():
+                shutil.copyfile(cascade_dir / stage["file"], out / stage["file"])
+            kept = p >= stage["threshold"]
+            kept_true, kept_false = kept[labels == 1].mean(), kept[labels == 0].mean()
+            record["stages"][stage["name"]] = {"previous_threshold": previous, "threshold": stage["threshold"],
+                                               "validation_judged": {"true": int((labels == 1).sum()),
+                                                                     "false": int((labels == 0).sum())},
+                                               "validation_true_kept": float(kept_true),
+                                               "validation_false_kept": float(kept_false)}
+            log(f"{stage['name']}: threshold {previous:.4f} -> {stage['threshold']:.4f}, keeping {kept_true:.3f} of "
+                f"the {int((labels == 1).sum())} true and {kept_false:.3f} of the {int((labels == 0).sum())} false "
+                f"validation candidates it judges")
+            stage = {**stage, "module": module}
+        stages.append(stage)
+    cascade["stages"] = [{k: v for k, v in s.items() if k != "module"} for s in stages]
+    cascade.setdefault("training", {})["thresholds_set_again"] = record
+    (out / "model.json").write_text(json.dumps(cascade, indent=2) + "\n")
+    return record
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=Path, nargs="+", required=True, help="mined candidate folders")
+    parser.add_argument("--train", type=Path, nargs="+", help="mined candidate folders")
     parser.add_argument("--val", type=Path, nargs="+", required=True, help="mined folders for thresholds")
     parser.add_argument("--out", type=Path, default=Path("models/cascade_fp"))
     parser.add_argument("--retention", type=float, default=0.98, help="share of true candidates each stage keeps")
@@ -381,8 +426,17 @@ def main(argv=None) -> None:
     parser.add_argument("--init", type=Path, help="fine-tune the multiscale CNN ensemble exported in this folder "
                         "(one member per seed)")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--thresholds-only", action="store_true",
+                        help="only set the thresholds of the cascade in --init again on --val (no training)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.thresholds_only:
+        if not args.init:
+            parser.error("--thresholds-only needs --init (the cascade whose thresholds are set)")
+        set_thresholds(args.init, args.val, args.out, args.retention, log=lambda line: print(line, flush=True))
+        return
+    if not args.train:
+        parser.error("--train is required (unless --thresholds-only)")
     train_cascade(args.train, args.val, args.out, args.retention, args.epochs, args.stages, args.seeds,
                   log=lambda line: print(line, flush=True), init_dir=args.init, learning_rate=args.learning_rate)
 
