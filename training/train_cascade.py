@@ -50,7 +50,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from operators.cascade_fp import cell_centres, equivalent_diameter_mm, run_stages, stage_judges, stage_probability
+from operators.cascade_fp import (cell_centres, equivalent_diameter_mm, load_cascade, run_stages, stage_judges,
+                                  stage_probability)
 
 SHIPPED_CASCADE = Path(__file__).resolve().parents[1] / "models" / "cascade_fp"
 
@@ -351,59 +352,57 @@ def train_cascade(train_dirs: list[Path], val_dirs: list[Path], out: Path, reten
         size_limit = {"max_equivalent_diameter_mm": round(largest, 1)}
         judged = np.array([stage_judges(size_limit, val["features"][i]) for i in val_index], bool)
         val_p, val_y = val_p[judged], val_y[judged]
-        judged_counts = {"true": int((val_y == 1).sum()), "false": int((val_y == 0).sum())}
-        threshold = threshold_for_retention(val_p[val_y == 1], retention)
+        summary = threshold_summary(val_p, val_y, retention)
         export_stage(model, example, out / f"{name}.ts")
         stage = {"order": next_order, "name": name, "type": "torchscript", "file": f"{name}.ts", **stage,
-                 "threshold": threshold, **size_limit}
+                 "threshold": summary["threshold"], **size_limit}
         next_order += 1
         stages.append({**stage, "module": torch.jit.load(str(out / f"{name}.ts"))})
-        kept_true, kept_false = (val_p[val_y == 1] >= threshold).mean(), (val_p[val_y == 0] >= threshold).mean()
-        record["stages"][name] = {"threshold": threshold, "validation_true_kept": float(kept_true),
-                                  "validation_false_kept": float(kept_false),
-                                  "validation_judged": judged_counts,
-                                  "history": history,
-                                  "seconds": time.perf_counter() - stage_start}
+        record["stages"][name] = {**summary, "history": history, "seconds": time.perf_counter() - stage_start}
         log(f"{name}: judges candidates up to {size_limit['max_equivalent_diameter_mm']:.1f} mm (equivalent diameter); "
-            f"threshold {threshold:.4f} keeps {kept_true:.3f} of the {judged_counts['true']} true and {kept_false:.3f} "
-            f"of the {judged_counts['false']} false validation candidates it judges "
-            f"({time.perf_counter() - stage_start:.0f} s)")
+            f"{_kept_text(summary)} ({time.perf_counter() - stage_start:.0f} s)")
     cascade["stages"] = [{k: v for k, v in s.items() if k != "module"} for s in stages]
     cascade["training"] = record
     (out / "model.json").write_text(json.dumps(cascade, indent=2) + "\n")
     return record
 
 
+def threshold_summary(p: np.ndarray, labels: np.ndarray, retention: float) -> dict:
+    """A stage's threshold on the validation scores `p` of the candidates it judges (labels 1 true, 0 false), and
+    the share of each class it keeps."""
+    threshold = threshold_for_retention(p[labels == 1], retention)
+    kept = p >= threshold
+    return {"threshold": threshold, "validation_true_kept": float(kept[labels == 1].mean()),
+            "validation_false_kept": float(kept[labels == 0].mean()),
+            "validation_judged": {"true": int((labels == 1).sum()), "false": int((labels == 0).sum())}}
+
+
+def _kept_text(summary: dict) -> str:
+    judged = summary["validation_judged"]
+    return (f"threshold {summary['threshold']:.4f} keeps {summary['validation_true_kept']:.3f} of the {judged['true']} "
+            f"true and {summary['validation_false_kept']:.3f} of the {judged['false']} false validation candidates "
+            f"it judges")
+
+
 def set_thresholds(cascade_dir: Path, val_dirs: list[Path], out: Path, retention: float, log=print) -> dict:
     """Set the threshold of every learned stage of the cascade in `cascade_dir` on `val_dirs` (module docstring);
     write OUT/model.json with its stage files. Returns the record of the new thresholds."""
-    cascade = json.loads((cascade_dir / "model.json").read_text())
+    cascade = load_cascade(cascade_dir)
     val = load_folders(val_dirs)
     log(f"loaded {len(val['labels'])} validation candidates {_counts(val)} from {len(val['cases'])} cases")
     out.mkdir(parents=True, exist_ok=True)
     stages, record = [], {"retention_target": retention, "folders": [str(d) for d in val_dirs], "stages": {}}
     for stage in sorted(cascade["stages"], key=lambda s: s["order"]):
         if stage["type"] != "features":
-            module = torch.jit.load(str(cascade_dir / stage["file"]))
             index = [i for i in _survivors(val, stages)
                      if val["labels"][i] >= 0 and stage_judges(stage, val["features"][i])]
-            labels = val["labels"][index]
-            p = stage_probability({**stage, "module": module}, [val["features"][i] for i in index],
-                                  val["patches"][index])
-            previous, stage["threshold"] = stage["threshold"], threshold_for_retention(p[labels == 1], retention)
+            p = stage_probability(stage, [val["features"][i] for i in index], val["patches"][index])
+            summary = threshold_summary(p, val["labels"][index], retention)
+            record["stages"][stage["name"]] = {"previous_threshold": stage["threshold"], **summary}
+            log(f"{stage['name']}: previous threshold {stage['threshold']:.4f}; {_kept_text(summary)}")
+            stage["threshold"] = summary["threshold"]
             if out.resolve() != cascade_dir.resolve():
                 shutil.copyfile(cascade_dir / stage["file"], out / stage["file"])
-            kept = p >= stage["threshold"]
-            kept_true, kept_false = kept[labels == 1].mean(), kept[labels == 0].mean()
-            record["stages"][stage["name"]] = {"previous_threshold": previous, "threshold": stage["threshold"],
-                                               "validation_judged": {"true": int((labels == 1).sum()),
-                                                                     "false": int((labels == 0).sum())},
-                                               "validation_true_kept": float(kept_true),
-                                               "validation_false_kept": float(kept_false)}
-            log(f"{stage['name']}: threshold {previous:.4f} -> {stage['threshold']:.4f}, keeping {kept_true:.3f} of "
-                f"the {int((labels == 1).sum())} true and {kept_false:.3f} of the {int((labels == 0).sum())} false "
-                f"validation candidates it judges")
-            stage = {**stage, "module": module}
         stages.append(stage)
     cascade["stages"] = [{k: v for k, v in s.items() if k != "module"} for s in stages]
     cascade.setdefault("training", {})["thresholds_set_again"] = record
