@@ -34,22 +34,26 @@ if (APP_DIR.parent / "operators").is_dir():
 EXIT_CANNOT_ANALYSE = 2
 EXIT_INTERNAL_ERROR = 1
 STAGING_ENV = "LUNG_MAP_STAGING"
-# Packages that MONAI imports at start-up wherever they are installed (its optional dependencies, MONAI 1.6.1) and
+# Modules that MONAI imports at start-up wherever they are installed (its optional dependencies, MONAI 1.6.1) and
 # that this app never uses. On an image that holds them (GPU images often hold transformers, pandas, scikit-image,
 # tensorboard...) that costs seconds per study; the analysis process sees them as not installed (README Speed).
-UNUSED_OPTIONAL_PACKAGES = frozenset("""
+# scipy.signal (MONAI's Hilbert transform and ultrasound confidence map) and matplotlib.pyplot (its notebook plots; the
+# visual report draws on matplotlib Figures) are parts of packages the app does use.
+UNUSED_OPTIONAL_MODULES = frozenset("""
     apex batchgenerators bs4 clara clearml cucim einops fire gdown h5py huggingface_hub ignite IPython ipywidgets itk
-    kvikio lmdb lpips MetricsReloaded mlflow nni nrrd nvsubquadratic onnx onnxruntime openslide optuna pandas polygraphy
-    pyamg pynvml pypdf pywt segment_anything SimpleITK skimage sklearn squeeze_and_excitation stl tensorboard
-    tensorboardX tensorrt tifffile torch_tensorrt torchaudio torchio torchvision transformers trimesh zarr
+    kvikio lmdb lpips matplotlib.pyplot MetricsReloaded mlflow nni nrrd nvsubquadratic onnx onnxruntime openslide optuna
+    pandas polygraphy pyamg pynvml pypdf pywt scipy.signal segment_anything SimpleITK skimage sklearn
+    squeeze_and_excitation stl tensorboard tensorboardX tensorrt tifffile torch_tensorrt torchaudio torchio torchvision
+    transformers trimesh zarr
 """.split())
 
 
 class UnusedPackageBlocker(importlib.abc.MetaPathFinder):
-    """Makes UNUSED_OPTIONAL_PACKAGES (and their submodules) fail to import, as if they were not installed."""
+    """Makes UNUSED_OPTIONAL_MODULES (and their submodules) fail to import, as if they were not installed."""
 
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in UNUSED_OPTIONAL_PACKAGES:
+        parts = name.split(".")
+        if any(".".join(parts[:depth]) in UNUSED_OPTIONAL_MODULES for depth in range(1, len(parts) + 1)):
             raise ModuleNotFoundError(f"No module named {name!r} (not used by this app)", name=name)
         return None
 
