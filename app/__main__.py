@@ -37,14 +37,15 @@ STAGING_ENV = "LUNG_MAP_STAGING"
 # Modules that MONAI imports at start-up wherever they are installed (its optional dependencies, MONAI 1.6.1) and
 # that this app never uses. On an image that holds them (GPU images often hold transformers, pandas, scikit-image,
 # tensorboard...) that costs seconds per study; the analysis process sees them as not installed (README Speed).
-# scipy.signal (MONAI's Hilbert transform and ultrasound confidence map) and matplotlib.pyplot (its notebook plots; the
-# visual report draws on matplotlib Figures) are parts of packages the app does use.
+# Some are parts of packages the app does use: scipy.signal, scipy.optimize and scipy.sparse.linalg (MONAI's Hilbert
+# transform, metrics and ultrasound confidence map) and matplotlib.pyplot (its notebook plots; the visual report draws
+# on matplotlib Figures).
 UNUSED_OPTIONAL_MODULES = frozenset("""
     apex batchgenerators bs4 clara clearml cucim einops fire gdown h5py huggingface_hub ignite IPython ipywidgets itk
-    kvikio lmdb lpips matplotlib.pyplot MetricsReloaded mlflow nni nrrd nvsubquadratic onnx onnxruntime openslide optuna
-    pandas polygraphy pyamg pynvml pypdf pywt scipy.signal segment_anything SimpleITK skimage sklearn
-    squeeze_and_excitation stl tensorboard tensorboardX tensorrt tifffile torch_tensorrt torchaudio torchio torchvision
-    transformers trimesh zarr
+    jsonschema kvikio lmdb lpips matplotlib.pyplot MetricsReloaded mlflow nibabel nni nrrd nvsubquadratic onnx
+    onnxruntime openslide optuna pandas polygraphy pyamg pynvml pypdf pywt scipy.optimize scipy.signal
+    scipy.sparse.linalg segment_anything SimpleITK skimage sklearn squeeze_and_excitation stl tensorboard tensorboardX
+    tensorrt tifffile torch_tensorrt torchaudio torchio torchvision transformers trimesh zarr
 """.split())
 
 

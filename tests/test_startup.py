@@ -31,11 +31,12 @@ def _app_main():
 def test_blocker_refuses_only_unused_packages():
     main = _app_main()
     blocker = main.UnusedPackageBlocker()
-    for name in ("transformers", "pandas.core", "skimage", "scipy.signal", "scipy.signal.windows", "matplotlib.pyplot"):
+    for name in ("transformers", "pandas.core", "skimage", "nibabel", "scipy.signal", "scipy.signal.windows",
+                 "scipy.optimize", "scipy.sparse.linalg", "matplotlib.pyplot"):
         with pytest.raises(ModuleNotFoundError):
             blocker.find_spec(name)
     for name in ("numpy", "torch", "pydicom", "highdicom", "matplotlib", "matplotlib.figure", "scipy", "scipy.ndimage",
-                 "scipy.signals", "cupy", "monai.inferers"):
+                 "scipy.spatial", "scipy.sparse", "scipy.signals", "cupy", "monai.inferers"):
         assert blocker.find_spec(name) is None
 
 
