@@ -37,6 +37,9 @@ LUNG_WINDOW = (-600.0, 1500.0)  # level, width (HU)
 ZOOM_MIN_MM = 60.0  # the zoomed view spans at least this, and twice the lesion's long axis
 PAGE_INCHES = (11.69, 8.27)  # A4 landscape
 OUTLINE, LONG_AXIS, SHORT_AXIS = "#ffd21f", "#ff3b3b", "#3bd1ff"
+# Titles sit just above their image. Given explicitly, matplotlib does not measure the (hidden) axes on every draw to
+# place them there: the same pages, drawn faster.
+TITLE_Y = 1.0
 
 
 def _lung_window(pixels: np.ndarray) -> dict:
@@ -64,7 +67,7 @@ def _key_image(hu_slice: np.ndarray, mask: np.ndarray, record: dict, pixel_mm: t
     whole.imshow(**_lung_window(hu_slice), aspect=aspect)
     whole.add_patch(Rectangle((low[1], low[0]), *(high - low)[::-1], fill=False, edgecolor=OUTLINE, linewidth=1))
     whole.set_title(f"axial slice {record['axial_slice_index'] + 1} of the series (feet first), lung window",
-                    fontsize=10)
+                    fontsize=10, y=TITLE_Y)
     box = tuple(slice(max(int(lo), 0), min(int(np.ceil(hi)) + 1, n)) for lo, hi, n in zip(low, high, mask.shape))
     zoom.imshow(**_lung_window(hu_slice[box]), aspect=aspect,
                 extent=(box[1].start - 0.5, box[1].stop - 0.5, box[0].stop - 0.5, box[0].start - 0.5))
@@ -75,7 +78,7 @@ def _key_image(hu_slice: np.ndarray, mask: np.ndarray, record: dict, pixel_mm: t
         (_, y0, x0), (_, y1, x1) = record[key]
         zoom.plot([x0, x1], [y0, y1], color=colour, linestyle=style, linewidth=1.5, marker="o", markersize=3)
     zoom.set_title(f"long axis {record['long_axis_mm']:.1f} mm (solid), short axis {record['short_axis_mm']:.1f} mm "
-                   f"(dashed)", fontsize=10)
+                   f"(dashed)", fontsize=10, y=TITLE_Y)
     for axes in (whole, zoom):
         axes.set_axis_off()
     figure.text(0.5, 0.07, f"volume {record['volume_ml']:.2f} ml, longest 3D diameter "
