@@ -66,6 +66,10 @@ PRESETS["nodes_negatives"] = dict(PRESETS["nodes"], background_ratio=20, iterati
 # Fine-tuning with 2.4 times the background patch weight: the ground-glass fine-tuning's new false findings were
 # upper-abdominal and para-aortic structures of real scans (tried: model card).
 PRESETS["finetune_negatives"] = dict(PRESETS["finetune"], background_ratio=12)
+# The ground-glass network fine-tuned on with finetune_scanners' thick slices and noise: its extra findings were
+# partial-volumed vessels on 9 mm slices (tried: model card).
+PRESETS["finetune_negatives_scanners"] = dict(PRESETS["finetune_negatives"], thick_slices_prob=0.3,
+                                              thick_slices_work=[2, 4], noise_std=0.03)
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
 BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion (or `background_ratio`)
