@@ -55,6 +55,7 @@ def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_pat
     measurable = [lesion for lesion in case["lesions"] if lesion["measurable"]]
     assert summaries["phantoms"]["measurable_lesions"] == len(measurable)
     assert summaries["phantoms"]["false_positives"] == len(case["false_lesions"])
+    assert summaries["phantoms"]["false_volume_ml_per_scan"] == sum(fp["volume_ml"] for fp in case["false_lesions"])
     assert "## Lesions" in (out / "report.md").read_text()
     kinds = report["kinds"]["phantoms"]  # every measurable lesion under its kind: found, or lost at one step
     assert sum(row["measurable"] for row in kinds) == len(measurable)

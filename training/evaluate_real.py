@@ -18,6 +18,8 @@ Missed lesions name the step that lost them: "thorax box" (under half of it insi
 dropped the candidate that detected it. Partial truth (`"partial_truth": true`, real-train: one target
 lesion outlined per patient): sensitivity and lesion Dice of the targets only; other kept lesions are
 listed as "unlabelled findings" (not proven false) and no FP rate or case Dice is given for such a set.
+Each set also gives the volume of its false lesions (unlabelled findings) per scan, since a count alone
+weighs a large false block like a speck.
 
 Per lesion kind (where the truth names one), the measurable lesions found and the step that lost the others.
 Two more tables come from the same candidates: the ablation (segmentation alone, then the cascade's stages
@@ -223,6 +225,14 @@ def summarize_set(metrics: list[CaseResult], partial: bool) -> dict:
     return summary
 
 
+def false_volume_per_scan(cases: list[dict]) -> dict:
+    """The volume of the kept instances touching no truth lesion, in ml per scan: a count of false lesions treats a
+    70 ml hilar block like a 10 mm speck (partial truth: unlabelled findings, which may be real lesions)."""
+    key = "unlabelled_volume_ml_per_scan" if any(case["partial_truth"] for case in cases) else "false_volume_ml_per_scan"
+    volume = sum(fp["volume_ml"] for case in cases for fp in case["false_lesions"])
+    return {key: volume / max(len(cases), 1)}
+
+
 def ablation_rows(cases: list[dict]) -> dict[str, dict]:
     """The set's metrics with each prefix of the cascade's stages (row name -> summary)."""
     partial = any(case["partial_truth"] for case in cases)
@@ -333,8 +343,8 @@ def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: 
             measurable = sum(lesion["measurable"] for lesion in case["lesions"])
             log(f"[{done}/{total}, {time.perf_counter() - start:.0f} s] {name} {case['case']}: {found}/{measurable} "
                 f"found, {len(case['false_lesions'])} other kept, {case['seconds']} s", flush=True)
-    summaries = {name: summarize_set([case["metrics"] for case in cases], any(case["partial_truth"] for case in cases))
-                 for name, cases in results.items()}
+    summaries = {name: {**summarize_set([case["metrics"] for case in cases], any(case["partial_truth"] for case in cases)),
+                        **false_volume_per_scan(cases)} for name, cases in results.items()}
     kinds = {name: kind_table(cases) for name, cases in results.items()}
     ablations = {name: ablation_rows(cases) for name, cases in results.items()}
     scores = {name: {stage: score_table(cases, stage) for stage in learned_stage_names(cascade)}
