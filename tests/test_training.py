@@ -9,7 +9,7 @@ from monai import transforms as mt
 
 from operators.lesion_segmentation import network_input
 from tests.conftest import REPO, real_train_case
-from training.export import export
+from training.export import average_exports, export, save_scripted
 from training.nifti import read_nifti
 from training.phantom import Scanner, generate_phantom
 from training.phantom_io import write_phantom_nifti
@@ -70,6 +70,25 @@ def test_export_matches_eager(run, tmp_path):
     x = torch.rand(1, 1, 32, 48, 64)  # another size than the training patch
     with torch.no_grad():
         assert torch.allclose(scripted(x), eager(x), atol=1e-4)
+
+
+def test_average_exports_mixes_each_weight_once(run, tmp_path):
+    """A model soup: DynUNet's skip layers alias its blocks, and each weight is mixed once all the same."""
+    run_dir, _ = run
+    first, second = tmp_path / "first", tmp_path / "second"
+    export(run_dir, first, checkpoint="last.pt")
+    shifted = torch.jit.load(str(first / "model.ts"))
+    with torch.no_grad():
+        for tensor in {t.data_ptr(): t for t in shifted.state_dict().values()}.values():
+            tensor += 1.0
+    save_scripted(shifted, second)
+    (second / "model.json").write_text((first / "model.json").read_text())
+    average_exports(first, second, tmp_path / "soup", share=0.25)
+    original = torch.jit.load(str(first / "model.ts")).state_dict()
+    mixed = torch.jit.load(str(tmp_path / "soup" / "model.ts")).state_dict()
+    assert all(torch.allclose(mixed[name], tensor + 0.25) for name, tensor in original.items())
+    spec = json.loads((tmp_path / "soup" / "model.json").read_text())
+    assert spec["spacing_mm"] == TINY["spacing_mm"] and spec["training"]["first"] == spec["training"]["second"]
 
 
 def test_soft_tissue_channel_starts_as_the_one_channel_network():
