@@ -228,9 +228,9 @@ def summarize_set(metrics: list[CaseResult], partial: bool) -> dict:
 def false_volume_per_scan(cases: list[dict]) -> dict:
     """The volume of the kept instances touching no truth lesion, in ml per scan: a count of false lesions treats a
     70 ml hilar block like a 10 mm speck (partial truth: unlabelled findings, which may be real lesions)."""
-    key = "unlabelled_volume_ml_per_scan" if any(case["partial_truth"] for case in cases) else "false_volume_ml_per_scan"
+    partial = any(case["partial_truth"] for case in cases)
     volume = sum(fp["volume_ml"] for case in cases for fp in case["false_lesions"])
-    return {key: volume / max(len(cases), 1)}
+    return {f"{'unlabelled' if partial else 'false'}_volume_ml_per_scan": volume / max(len(cases), 1)}
 
 
 def ablation_rows(cases: list[dict]) -> dict[str, dict]:
@@ -343,7 +343,8 @@ def evaluate_sets(sets: dict[str, Path], seg_dir: Path, cascade_dir: Path, out: 
             measurable = sum(lesion["measurable"] for lesion in case["lesions"])
             log(f"[{done}/{total}, {time.perf_counter() - start:.0f} s] {name} {case['case']}: {found}/{measurable} "
                 f"found, {len(case['false_lesions'])} other kept, {case['seconds']} s", flush=True)
-    summaries = {name: {**summarize_set([case["metrics"] for case in cases], any(case["partial_truth"] for case in cases)),
+    summaries = {name: {**summarize_set([case["metrics"] for case in cases],
+                                        any(case["partial_truth"] for case in cases)),
                         **false_volume_per_scan(cases)} for name, cases in results.items()}
     kinds = {name: kind_table(cases) for name, cases in results.items()}
     ablations = {name: ablation_rows(cases) for name, cases in results.items()}

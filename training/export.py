@@ -45,7 +45,7 @@ def export(run_dir: Path, out_dir: Path, checkpoint: str = "best.pt") -> Path:
         eager_out, scripted_out = model(example), scripted(example)
     if not torch.allclose(eager_out, scripted_out, atol=1e-4):
         raise RuntimeError("TorchScript output differs from the eager model")
-    save_scripted(scripted, out_dir)
+    path = save_scripted(scripted, out_dir)
     spec = {
         "name": "lesion_seg",
         "file": "model.ts",
@@ -65,7 +65,7 @@ def export(run_dir: Path, out_dir: Path, checkpoint: str = "best.pt") -> Path:
         },
     }
     (out_dir / "model.json").write_text(json.dumps(spec, indent=1) + "\n")
-    return out_dir / "model.ts"
+    return path
 
 
 def average_exports(first: Path, second: Path, out_dir: Path, share: float = 0.5) -> Path:
