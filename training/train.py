@@ -45,8 +45,8 @@ PRESETS = {
                      learning_rate=3e-4, validate_every=600, threads=2, loader_workers=0, init="models/lesion_seg"),
 }
 # Other scanners on the same cases: slices up to 8 mm thick, up to 45 HU more noise (training.scanner_variants).
-PRESETS["finetune_scanners"] = dict(PRESETS["finetune"], thick_slices_prob=0.3, thick_slices_work=[2, 4],
-                                    noise_std=0.03)
+SCANNER_AUGMENTATION = dict(thick_slices_prob=0.3, thick_slices_work=[2, 4], noise_std=0.03)
+PRESETS["finetune_scanners"] = dict(PRESETS["finetune"], **SCANNER_AUGMENTATION)
 # Lesions anywhere within a quarter patch of the patch centre, not at it: the sliding window sees them anywhere
 # (mediastinal nodes were found only where the patch placed them as training did; tried, not shipped: model card).
 PRESETS["finetune_shift"] = dict(PRESETS["finetune"], lesion_shift=[12, 24, 24])
@@ -67,9 +67,8 @@ PRESETS["nodes_negatives"] = dict(PRESETS["nodes"], background_ratio=20, iterati
 # upper-abdominal and para-aortic structures of real scans (tried: model card).
 PRESETS["finetune_negatives"] = dict(PRESETS["finetune"], background_ratio=12)
 # The ground-glass network fine-tuned on with finetune_scanners' thick slices and noise: its extra findings were
-# partial-volumed vessels on 9 mm slices (tried: model card).
-PRESETS["finetune_negatives_scanners"] = dict(PRESETS["finetune_negatives"], thick_slices_prob=0.3,
-                                              thick_slices_work=[2, 4], noise_std=0.03)
+# partial-volumed vessels on 9 mm slices (half of the shipped weights: model card).
+PRESETS["finetune_negatives_scanners"] = dict(PRESETS["finetune_negatives"], **SCANNER_AUGMENTATION)
 IGNORE = 255  # label value outside the loss (and outside mined candidates: training.mine_candidates)
 MAX_LESIONS = 10  # instance values above this are not sampled as patch centres (the phantoms hold 0-10)
 BACKGROUND_RATIO = 5  # patch centres: background (body) weighs this much against each lesion (or `background_ratio`)
