@@ -96,3 +96,4 @@ def test_a_variant_never_reuses_the_cached_probability_of_its_case(tmp_path):
     assert np.array_equal(case_probability("case", hu, spacing, thorax, network, config, tmp_path), cached)
     sharper, _, _ = sharp_kernel(hu, None, spacing)
     assert not np.allclose(case_probability("case", sharper, spacing, thorax, network, config, tmp_path), cached)
+    assert len(list(tmp_path.glob("case_*.npz"))) == 2  # the case keeps its own beside its variant's

@@ -79,19 +79,19 @@ def network_key(seg_dir: Path, config: dict, device: str = "cpu") -> str:
 
 def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_config: dict, cache: Path,
                      device: str = "cpu") -> np.ndarray:
-    """The network's lesion probability in the thorax box (cached as float16 in `cache`, with the box and a digest
-    of the image: cases of one name in several sets, such as a case and its scanner variants, never share it)."""
-    path = cache / f"{name}.npz"
+    """The network's lesion probability in the thorax box (cached as float16 in `cache`, named by the case and a
+    digest of its image: cases of one name in several sets, such as a case and its scanner variants, each keep theirs)."""
     box = np.array([[s.start, s.stop] for s in thorax.box])
     digest = hashlib.sha1(np.ascontiguousarray(hu[thorax.box], np.float32).data).hexdigest()
+    path = cache / f"{name}_{digest[:16]}.npz"
     if path.exists():
         with np.load(path) as stored:
-            if np.array_equal(stored["box"], box) and str(stored.get("digest", "")) == digest:
+            if np.array_equal(stored["box"], box):
                 return stored["probability"].astype(np.float32)
     probability = predict_lesion_probability(hu[thorax.box], spacing, model, seg_config, device)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, probability=probability.astype(np.float16), box=box, digest=digest)
+    np.savez(tmp, probability=probability.astype(np.float16), box=box)
     tmp.replace(path)
     return probability
 
