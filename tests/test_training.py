@@ -87,6 +87,9 @@ def test_average_exports_mixes_each_weight_once(run, tmp_path):
     original = torch.jit.load(str(first / "model.ts")).state_dict()
     mixed = torch.jit.load(str(tmp_path / "soup" / "model.ts")).state_dict()
     assert all(torch.allclose(mixed[name], tensor + 0.25) for name, tensor in original.items())
+    average_exports(first, tmp_path / "soup", tmp_path / "back", share=4)  # 4 x soup - 3 x first: the second again
+    back = torch.jit.load(str(tmp_path / "back" / "model.ts")).state_dict()
+    assert all(torch.allclose(back[name], tensor + 1.0, atol=1e-5) for name, tensor in original.items())
     spec = json.loads((tmp_path / "soup" / "model.json").read_text())
     assert spec["spacing_mm"] == TINY["spacing_mm"] and spec["training"]["first"] == spec["training"]["second"]
 

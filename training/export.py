@@ -93,7 +93,9 @@ def main(argv=None) -> None:
     source.add_argument("--run", type=Path)
     source.add_argument("--average", type=Path, nargs=2, metavar=("FIRST", "SECOND"),
                         help="two exported networks (model folders) whose weights are mixed instead")
-    parser.add_argument("--share", type=float, default=0.5, help="with --average: the second network's share")
+    parser.add_argument("--share", type=float, default=0.5,
+                        help="with --average: the second network's share (2, with a mean of two networks second and "
+                             "one of the two first, gives back the other)")
     parser.add_argument("--out", type=Path, default=Path("models/lesion_seg"))
     parser.add_argument("--checkpoint", default="best.pt")
     args = parser.parse_args(argv)
