@@ -2,6 +2,8 @@
 memory check, and the speed benchmark's own run (training.benchmark)."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -82,3 +84,15 @@ def test_benchmark_times_the_app_and_the_stock_path(phantom_study, tmp_path):
     assert result["stock_over_app"] == pytest.approx(result["stock"]["wall_s"] / result["app"]["wall_s"])
     tables = format_tables({"study": "phantom", "speed": result})
     assert "stock / app" in tables and json.dumps(result)
+
+
+def test_the_benchmark_generates_its_study_outside_the_process_that_measures_peak_memory(tmp_path):
+    """On Linux a child's peak RSS starts at its parent's peak: a study generated in the benchmark's own process
+    (about 700 MiB for 40 slices) would be counted as the app's."""
+    script = ("import sys; from pathlib import Path; from training.benchmark import generate_study, timed_process; "
+              "generate_study(Path(sys.argv[1]) / 'study', 3, 40, 2.0); "
+              "print(timed_process([sys.executable, '-c', 'pass'], Path(sys.argv[1]) / 'log')['peak_rss_mib'])")
+    measured = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                              check=True)
+    assert len(list((tmp_path / "study").glob("*.dcm"))) == 40
+    assert float(measured.stdout.split()[-1]) < 200

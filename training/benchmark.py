@@ -27,12 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,8 @@ GPU_MEMORY = re.compile(r"peak GPU memory (\d+) MiB")
 
 
 def timed_process(command: list[str], log: Path) -> dict:
-    """Run `command` (stdout and stderr into `log`): wall seconds, peak RSS in MiB of it and its children, status."""
+    """Run `command` (stdout and stderr into `log`): wall seconds, peak RSS in MiB of it and its children, status.
+    On Linux the peak starts at this process's own peak, so this process holds no study in memory."""
     start = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -84,14 +87,21 @@ def stock_path(study: Path) -> None:
     print(f"stock path: {int((probability >= config['probability_threshold']).sum())} lesion voxels")
 
 
-def generate_study(folder: Path, seed: int, slices: int, slice_mm: float) -> Path:
-    """A phantom DICOM study of `slices` slices of `slice_mm` (training.phantom's scanner otherwise)."""
+def _write_study(folder: Path, seed: int, slices: int, slice_mm: float) -> Path:
     from training.phantom import Scanner, generate_phantom
     from training.phantom_io import write_dicom_series
 
     scanner = dataclasses.replace(Scanner.random(np.random.default_rng(seed)), slice_mm=slice_mm)
     write_dicom_series(generate_phantom(seed, 5, scanner=scanner, slices=slices), folder)
     return folder
+
+
+def generate_study(folder: Path, seed: int, slices: int, slice_mm: float) -> Path:
+    """A phantom DICOM study of `slices` slices of `slice_mm` (training.phantom's scanner otherwise), written by a
+    process of its own: on Linux a child's peak RSS (ru_maxrss) starts at its parent's peak, which the generation
+    would raise above the app's (1850 MiB on the 300-slice study, against the app's 1425)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_write_study, folder, seed, slices, slice_mm).result()
 
 
 def _median(runs: list[dict], key: str) -> float:
