@@ -158,9 +158,9 @@ def accuracy(sets: dict[str, Path], out: Path, log=print) -> dict:
             if found[0] != found[1] or false[0] != false[1]:
                 moved.append(f"{before['case']}: found {sorted(found[0])} -> {sorted(found[1])}, "
                              f"false lesions {false[0]} -> {false[1]}")
-            stored = [folder / f"{before['case']}.npz" for folder in folders.values()]
-            if all(path.exists() for path in stored):
-                first, second = (np.load(path)["probability"].astype(np.float32) for path in stored)
+            for stored in folders["float32"].glob(f"{before['case']}_*.npz"):  # <case>_<image digest>.npz
+                first, second = (np.load(folder / stored.name)["probability"].astype(np.float32)
+                                 for folder in folders.values())
                 largest = max(largest, float(np.abs(first - second).max()))
         result[name] = {label: {key: summaries[label][name].get(key) for key in
                                 ("detected", "measurable_lesions", "lesion_dice_mean", "false_positives",
