@@ -71,7 +71,7 @@ def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_pat
     assert sum(r["detecting"] + r["others"] for r in table) == len(judged)
     assert sum(r["detecting"] for r in table) == sum(f["detects"] for f in judged)
 
-    cached = next(cache.rglob("p21.npz"))
+    cached = next(cache.rglob("p21_*.npz"))  # <case>_<image digest>.npz
     written = cached.stat().st_mtime_ns
     evaluate_sets({"phantoms": data}, models / "lesion_seg", models / "cascade_fp", out, cache, log=lambda *a, **k: None)
     assert cached.stat().st_mtime_ns == written
