@@ -6,7 +6,7 @@ import numpy as np
 
 from operators.thorax_crop import crop_thorax
 from tests.conftest import write_test_models
-from training.evaluate_real import _lost_at, evaluate_sets, load_case
+from training.evaluate_real import _lost_at, cached_probabilities, evaluate_sets, load_case
 from training.phantom import generate_phantom
 from training.nifti import write_nifti
 from training.phantom_io import write_phantom_nifti
@@ -71,7 +71,7 @@ def test_report_lists_every_lesion_and_false_lesion_and_reuses_the_cache(tmp_pat
     assert sum(r["detecting"] + r["others"] for r in table) == len(judged)
     assert sum(r["detecting"] for r in table) == sum(f["detects"] for f in judged)
 
-    cached = next(cache.rglob("p21_*.npz"))  # <case>_<image digest>.npz
+    cached = cached_probabilities(next(cache.iterdir()), "p21")[0]
     written = cached.stat().st_mtime_ns
     evaluate_sets({"phantoms": data}, models / "lesion_seg", models / "cascade_fp", out, cache, log=lambda *a, **k: None)
     assert cached.stat().st_mtime_ns == written

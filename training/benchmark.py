@@ -135,7 +135,7 @@ def speed(study: Path, runs: int, work: Path, log=print) -> dict:
 def accuracy(sets: dict[str, Path], out: Path, log=print) -> dict:
     """training.evaluate_real in float32 and in the shipped precision: per set found / false, what moved."""
     from operators.lesion_segmentation import inference_device
-    from training.evaluate_real import evaluate_sets, network_config, network_key
+    from training.evaluate_real import cached_probabilities, evaluate_sets, network_config, network_key
 
     seg_dir, cascade_dir = REPO / "models" / "lesion_seg", REPO / "models" / "cascade_fp"
     cache = REPO / "runs" / "probability_cache"
@@ -158,7 +158,7 @@ def accuracy(sets: dict[str, Path], out: Path, log=print) -> dict:
             if found[0] != found[1] or false[0] != false[1]:
                 moved.append(f"{before['case']}: found {sorted(found[0])} -> {sorted(found[1])}, "
                              f"false lesions {false[0]} -> {false[1]}")
-            for stored in folders["float32"].glob(f"{before['case']}_*.npz"):  # <case>_<image digest>.npz
+            for stored in cached_probabilities(folders["float32"], before["case"]):
                 first, second = (np.load(folder / stored.name)["probability"].astype(np.float32)
                                  for folder in folders.values())
                 largest = max(largest, float(np.abs(first - second).max()))

@@ -77,13 +77,18 @@ def network_key(seg_dir: Path, config: dict, device: str = "cpu") -> str:
     return digest.hexdigest()[:12]
 
 
+def cached_probabilities(cache: Path, name: str) -> list[Path]:
+    """The cache entries of a case (one per image: the case and, under the same name, its scanner variants)."""
+    return sorted(cache.glob(f"{name}_*.npz"))
+
+
 def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_config: dict, cache: Path,
                      device: str = "cpu") -> np.ndarray:
     """The network's lesion probability in the thorax box (cached as float16 in `cache`, named by the case and a
     digest of its image: cases of one name in several sets, such as a case and its scanner variants, each keep theirs)."""
     box = np.array([[s.start, s.stop] for s in thorax.box])
     digest = hashlib.sha1(np.ascontiguousarray(hu[thorax.box], np.float32).data).hexdigest()
-    path = cache / f"{name}_{digest[:16]}.npz"
+    path = cache / f"{name}_{digest[:16]}.npz"  # found again by cached_probabilities
     if path.exists():
         with np.load(path) as stored:
             if np.array_equal(stored["box"], box):
