@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from monai import transforms as mt
+from scipy import ndimage
 
 from operators.lesion_segmentation import network_input
 from tests.conftest import REPO, real_train_case
@@ -241,3 +242,17 @@ def test_real_backgrounds_keep_the_partial_truth_out_of_the_loss(tmp_path):
     inserted = json.loads((out / "labelsTr" / f"{folder.name}_s0.json").read_text())["lesions"]
     assert 0 < len(inserted) <= 4
     assert sorted(np.unique(labels[(labels > 0) & (labels != IGNORE)])) == [lesion["label"] for lesion in inserted]
+
+    # --label-target: the target is the last lesion label, its one-voxel ring IGNORE, the tissue beyond it background
+    make_cases(tmp_path / "real", tmp_path / "labelled", seeds=1, count=4, label_target=True,
+                       seg_dir=REPO / "models" / "lesion_seg", cascade_dir=REPO / "models" / "cascade_fp",
+                       cache=tmp_path / "cache", log=lambda *a, **k: None)
+    labels, _ = read_nifti(tmp_path / "labelled" / "labelsTr" / f"{folder.name}_s0.nii.gz")
+    lesions = json.loads((tmp_path / "labelled" / "labelsTr" / f"{folder.name}_s0.json").read_text())["lesions"]
+    target = lesions[-1]
+    assert target["kind"] == "real target" and target["voxels"] == int((truth > 0).sum())
+    assert (labels[truth > 0] == target["label"]).all() and (labels == target["label"]).sum() == target["voxels"]
+    ring = ndimage.binary_dilation(truth > 0, np.ones((3, 3, 3), bool)) & (truth == 0)
+    assert (labels[ring] == IGNORE).all()
+    beyond = ndimage.binary_dilation(truth > 0, np.ones((3, 7, 7), bool)) & ~ring & (truth == 0)
+    assert (labels[beyond] == 0).mean() > 0.5

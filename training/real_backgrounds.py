@@ -14,6 +14,9 @@ abdomen) is learned as background.
 Partial truth: the outlined target and every instance that the shipped app keeps elsewhere (unlabelled
 findings, possibly real lesions), each grown by IGNORE_MARGIN_MM, are IGNORE: neither lesion nor background
 in training. The targets are thus never shown to the network, and finding them stays a fair validation.
+With --label-target the target is a lesion instance instead (the last label; a one-voxel ring around its outline
+stays IGNORE, since the outline is the majority of nine algorithms' segmentations): a network trained on such cases is
+validated on real-train only patient by patient (training.cross_validate_network).
 """
 
 from __future__ import annotations
@@ -108,19 +111,28 @@ def station_fat(mediastinum: np.ndarray, hu: np.ndarray, lungs: np.ndarray, spac
     return stations
 
 
-def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache: Path, name: str) -> np.ndarray:
-    """The regions that may hold a real lesion: the outlined truth and the app's kept instances elsewhere."""
+def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache: Path, name: str,
+                     label_target: bool = False) -> np.ndarray:
+    """The regions that may hold a real lesion: the outlined truth and the app's kept instances elsewhere, grown by
+    IGNORE_MARGIN_MM; with `label_target`, the kept instances that touch no truth so grown and the truth's one-voxel
+    ring (the truth itself is then a label)."""
     probability = case_probability(name, hu, spacing, thorax, model, seg_config, cache)
     candidates = extract_candidates(probability, seg_config["probability_threshold"], spacing)
     kept = np.zeros(hu.shape, bool)
     kept[thorax.box] = filter_candidates(candidates, hu[thorax.box], spacing, thorax, cascade).labels > 0
     reach = np.maximum(np.round(IGNORE_MARGIN_MM / np.asarray(spacing)).astype(int), 1)
     grow = np.ones(tuple(2 * r + 1 for r in reach), bool)
-    return ndimage.binary_dilation((truth > 0) | kept, grow)
+    if not label_target:
+        return ndimage.binary_dilation((truth > 0) | kept, grow)
+    kept_labels, _ = ndimage.label(kept)
+    elsewhere = kept & ~np.isin(kept_labels, np.unique(kept_labels[truth > 0]))
+    ring = ndimage.binary_dilation(truth > 0, np.ones((3, 3, 3), bool)) & (truth == 0)
+    return ndimage.binary_dilation(elsewhere, grow) | ring
 
 
 def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Path, cascade_dir: Path,
-               cache: Path, kinds: list[str] | None = None, node_stations: bool = False, log=print) -> list[dict]:
+               cache: Path, kinds: list[str] | None = None, node_stations: bool = False, label_target: bool = False,
+               log=print) -> list[dict]:
     seg_config = network_config(seg_dir)
     model = prepared_network(torch.jit.load(str(seg_dir / seg_config.get("file", "model.ts"))), "cpu")
     cascade = load_cascade(cascade_dir)
@@ -134,7 +146,10 @@ def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Pat
         thorax = crop_thorax(hu, spacing)
         lungs = np.zeros(hu.shape, bool)
         lungs[thorax.box] = thorax.lungs
-        ignore = possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache, folder.name)
+        ignore = possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache, folder.name,
+                                  label_target)
+        if label_target:
+            ignore |= truth > 0  # no lesion inserted over the target
         mediastinum = mediastinum_mask(hu, lungs) & ~ignore
         if node_stations:
             mediastinum = station_fat(mediastinum, hu, lungs, spacing)
@@ -145,6 +160,9 @@ def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Pat
                                                     blur_sigma_mm=blur, noise_sd_hu=noise_sd, size_range_mm=SIZE_RANGE_MM,
                                                     kinds=kinds, node_sites="fat")
             labels[ignore & (labels == 0)] = IGNORE
+            if label_target:
+                labels[truth > 0] = len(lesions) + 1
+                lesions.append({"label": len(lesions) + 1, "kind": "real target", "voxels": int((truth > 0).sum())})
             case = f"{folder.name}_s{seed}"
             write_nifti(out / "imagesTr" / f"{case}.nii.gz", np.clip(np.rint(image), -1024, 3071).astype(np.int16),
                         spacing, origin)
@@ -171,12 +189,14 @@ def main(argv=None) -> None:
     parser.add_argument("--node-stations", action="store_true",
                         help="nodes only in the fat of the node stations, not further than "
                              f"{STATIONS_BELOW_CARINA_MM:.0f} mm below the carina (not beside the heart)")
+    parser.add_argument("--label-target", action="store_true",
+                        help="the outlined target as a lesion label, not IGNORE (validate patient by patient)")
     parser.add_argument("--seg-model", type=Path, default=REPO / "models" / "lesion_seg")
     parser.add_argument("--cascade", type=Path, default=REPO / "models" / "cascade_fp")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "probability_cache")
     args = parser.parse_args(argv)
     make_cases(args.real_train, args.out, args.seeds, args.count, args.seg_model, args.cascade, args.cache, args.kinds,
-               args.node_stations)
+               args.node_stations, args.label_target)
 
 
 if __name__ == "__main__":
