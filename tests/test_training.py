@@ -17,8 +17,9 @@ from training.phantom_io import write_phantom_nifti
 from training.real_backgrounds import (STATIONS_BELOW_CARINA_MM, carina_slice, make_cases, mediastinum_mask,
                                       station_fat)
 from training.real_cases import real_case_arrays
-from training.train import (BACKGROUND_RATIO, IGNORE, PRESETS, RandThickSlicesd, augmentation, binary_target,
-                            build_network, crop_size, dice_ce_loss, learning_rate, load_widened, patch_centres, train)
+from training.train import (BACKGROUND_RATIO, IGNORE, PRESETS, RandThickSlicesd, _dataset_lists, augmentation,
+                            binary_target, build_network, crop_size, dice_ce_loss, learning_rate, load_widened,
+                            patch_centres, train)
 
 TINY = dict(PRESETS["cpu"], filters=[4, 8, 16], patch_size=[16, 32, 32], batch_size=4, samples_per_volume=4,
             iterations=60, validate_every=60, learning_rate=1e-2, threads=2)
@@ -256,3 +257,11 @@ def test_real_backgrounds_keep_the_partial_truth_out_of_the_loss(tmp_path):
     assert (labels[ring] == IGNORE).all()
     beyond = ndimage.binary_dilation(truth > 0, np.ones((3, 7, 7), bool)) & ~ring & (truth == 0)
     assert (labels[beyond] == 0).mean() > 0.5
+
+
+def test_a_folder_given_twice_is_sampled_twice_and_validated_once(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": "a_label.nii.gz"}],
+                                                       "validation": [{"image": "v.nii.gz", "label": "v_label.nii.gz"}]}))
+    training, validation = _dataset_lists([tmp_path, tmp_path], val_count=4)
+    assert len(training) == 2 and training[0] == training[1]
+    assert validation == [{"image": str(tmp_path / "v.nii.gz"), "label": str(tmp_path / "v_label.nii.gz")}]
