@@ -246,8 +246,8 @@ def test_real_backgrounds_keep_the_partial_truth_out_of_the_loss(tmp_path):
 
     # --label-target: the target is the last lesion label, its one-voxel ring IGNORE, the tissue beyond it background
     make_cases(tmp_path / "real", tmp_path / "labelled", seeds=1, count=4, label_target=True,
-                       seg_dir=REPO / "models" / "lesion_seg", cascade_dir=REPO / "models" / "cascade_fp",
-                       cache=tmp_path / "cache", log=lambda *a, **k: None)
+               seg_dir=REPO / "models" / "lesion_seg", cascade_dir=REPO / "models" / "cascade_fp",
+               cache=tmp_path / "cache", log=lambda *a, **k: None)
     labels, _ = read_nifti(tmp_path / "labelled" / "labelsTr" / f"{folder.name}_s0.nii.gz")
     lesions = json.loads((tmp_path / "labelled" / "labelsTr" / f"{folder.name}_s0.json").read_text())["lesions"]
     target = lesions[-1]

@@ -74,7 +74,8 @@ def cross_validate(labelled: Path, data_dirs: list[Path], real_train: Path, vari
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labelled", type=Path, required=True,
-                        help="real backgrounds with their targets labelled (training.real_backgrounds --label-target)")
+                        help="real backgrounds with their targets labelled (training.real_backgrounds --label-target; "
+                             "without it: the control, targets IGNORE)")
     parser.add_argument("--data", type=Path, action="append", default=[], help="other training data (repeatable)")
     parser.add_argument("--real-train", type=Path, required=True, help="the real-train case folders")
     parser.add_argument("--variants", type=Path, help="real-train's scanner variants (training.scanner_variants)")

@@ -114,8 +114,7 @@ def station_fat(mediastinum: np.ndarray, hu: np.ndarray, lungs: np.ndarray, spac
 def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache: Path, name: str,
                      label_target: bool = False) -> np.ndarray:
     """The regions that may hold a real lesion: the outlined truth and the app's kept instances elsewhere, grown by
-    IGNORE_MARGIN_MM; with `label_target`, the kept instances that touch no truth so grown and the truth's one-voxel
-    ring (the truth itself is then a label)."""
+    IGNORE_MARGIN_MM; with `label_target` (the truth becomes a label), the truth grown by one voxel only."""
     probability = case_probability(name, hu, spacing, thorax, model, seg_config, cache)
     candidates = extract_candidates(probability, seg_config["probability_threshold"], spacing)
     kept = np.zeros(hu.shape, bool)
@@ -126,8 +125,7 @@ def possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cac
         return ndimage.binary_dilation((truth > 0) | kept, grow)
     kept_labels, _ = ndimage.label(kept)
     elsewhere = kept & ~np.isin(kept_labels, np.unique(kept_labels[truth > 0]))
-    ring = ndimage.binary_dilation(truth > 0, np.ones((3, 3, 3), bool)) & (truth == 0)
-    return ndimage.binary_dilation(elsewhere, grow) | ring
+    return ndimage.binary_dilation(elsewhere, grow) | ndimage.binary_dilation(truth > 0, np.ones((3, 3, 3), bool))
 
 
 def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Path, cascade_dir: Path,
@@ -148,8 +146,6 @@ def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Pat
         lungs[thorax.box] = thorax.lungs
         ignore = possible_lesions(hu, truth, spacing, thorax, model, seg_config, cascade, cache, folder.name,
                                   label_target)
-        if label_target:
-            ignore |= truth > 0  # no lesion inserted over the target
         mediastinum = mediastinum_mask(hu, lungs) & ~ignore
         if node_stations:
             mediastinum = station_fat(mediastinum, hu, lungs, spacing)
@@ -160,7 +156,7 @@ def make_cases(real_train: Path, out: Path, seeds: int, count: int, seg_dir: Pat
                                                     blur_sigma_mm=blur, noise_sd_hu=noise_sd, size_range_mm=SIZE_RANGE_MM,
                                                     kinds=kinds, node_sites="fat")
             labels[ignore & (labels == 0)] = IGNORE
-            if label_target:
+            if label_target:  # the target instead of IGNORE
                 labels[truth > 0] = len(lesions) + 1
                 lesions.append({"label": len(lesions) + 1, "kind": "real target", "voxels": int((truth > 0).sum())})
             case = f"{folder.name}_s{seed}"
