@@ -77,9 +77,13 @@ def network_key(seg_dir: Path, config: dict, device: str = "cpu") -> str:
     return digest.hexdigest()[:12]
 
 
+DIGEST_CHARS = 16  # of the image digest in a cache entry's name
+
+
 def cached_probabilities(cache: Path, name: str) -> list[Path]:
-    """The cache entries of a case (one per image: the case and, under the same name, its scanner variants)."""
-    return sorted(cache.glob(f"{name}_*.npz"))
+    """The cache entries of a case (one per image: the case and, under the same name, its scanner variants); not those
+    of another case whose name starts with this one's."""
+    return sorted(cache.glob(f"{name}_{'[0-9a-f]' * DIGEST_CHARS}.npz"))
 
 
 def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_config: dict, cache: Path,
@@ -88,7 +92,7 @@ def case_probability(name: str, hu: np.ndarray, spacing, thorax, model, seg_conf
     digest of its image: cases of one name in several sets, such as a case and its scanner variants, each keep theirs)."""
     box = np.array([[s.start, s.stop] for s in thorax.box])
     digest = hashlib.sha1(np.ascontiguousarray(hu[thorax.box], np.float32).data).hexdigest()
-    path = cache / f"{name}_{digest[:16]}.npz"  # found again by cached_probabilities
+    path = cache / f"{name}_{digest[:DIGEST_CHARS]}.npz"  # found again by cached_probabilities
     if path.exists():
         with np.load(path) as stored:
             if np.array_equal(stored["box"], box):
