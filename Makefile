@@ -47,8 +47,10 @@ evaluate: $(VENV)/.ready
 	$(PY) -m training.make_dataset --out data/val_wide --count 12 --first-seed 2100 --kinds $(ALL_KINDS) --max-lesion-mm 100
 	$(PY) -m training.make_dataset --out data/heldout --count 30 --first-seed 3000
 	$(PY) -m training.scanner_variants --real $(REAL_TRAIN) --out data/scanner_variants
+	$(PY) -m training.real_backgrounds --real-train $(REAL_TRAIN) --out data/rb_ggo40 --seeds 2 --count 5 --kinds ggo faint_ggo
 	$(PY) -m training.evaluate_real --set "real-train (validation)" $(REAL_TRAIN) --set "validation phantoms" data/val \
 		--set "validation phantoms, wide kinds" data/val_wide \
+		--set "ground glass in real lungs" data/rb_ggo40 \
 		$(foreach v,slices_6mm slices_9mm low_dose sharp_kernel non_contrast,--set "real-train, $(v)" data/scanner_variants/$(v)) \
 		--out runs/eval_real/validation
 	$(PY) -m training.evaluate_real --set "real (test only)" $(REAL) --set "held-out phantoms" data/heldout \
