@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from training.cross_validate_cascade import fold_rows, format_table, patient_sets
-from training.cross_validate_nodes import patient_split, patients_of
+from training.cross_validate_nodes import patient_split, patients_of, resolved_case
 from training.evaluate_real import REPO, evaluate_sets
 from training.export import export
 from training.train import PRESETS, preset_config, train
@@ -44,8 +44,7 @@ def fold_network(data_dirs: list[Path], train_dir: Path, repeat: int, run: Path,
 
 def all_patients(labelled: Path, folder: Path) -> Path:
     """A dataset folder listing every case of `labelled`, its first case as the training's validation case."""
-    items = [{key: str((labelled / item[key]).resolve()) for key in ("image", "label")}
-             for item in json.loads((labelled / "dataset.json").read_text())["training"]]
+    items = [resolved_case(labelled, item) for item in json.loads((labelled / "dataset.json").read_text())["training"]]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "dataset.json").write_text(json.dumps({"training": items, "validation": items[:1]}, indent=1))
     return folder

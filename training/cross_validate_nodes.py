@@ -46,6 +46,11 @@ def patients_of(data: Path) -> list[str]:
     return sorted({re.sub(r"_s\d+$", "", Path(item["image"]).name.removesuffix(".nii.gz")) for item in items})
 
 
+def resolved_case(data: Path, item: dict) -> dict:
+    """A dataset.json entry of `data` with absolute paths, for a dataset.json written elsewhere."""
+    return {key: str((data / item[key]).resolve()) for key in ("image", "label")}
+
+
 def patient_split(data: Path, patient: str, folder: Path) -> tuple[Path, Path]:
     """Dataset folders (symbolic links into `data`) of the other patients' cases (`train`, the patient's first case
     as its validation) and of the patient's own (`test`)."""
@@ -63,9 +68,9 @@ def patient_split(data: Path, patient: str, folder: Path) -> tuple[Path, Path]:
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.is_symlink():
                     link.symlink_to(path)
-        spec = {"training": [{key: str((data / item[key]).resolve()) for key in ("image", "label")} for item in chosen]}
+        spec = {"training": [resolved_case(data, item) for item in chosen]}
         if name == "train":
-            spec["validation"] = [{key: str((data / own[0][key]).resolve()) for key in ("image", "label")}]
+            spec["validation"] = [resolved_case(data, own[0])]
         (folder / name / "dataset.json").write_text(json.dumps(spec, indent=1))
     return folder / "train", folder / "test"
 

@@ -208,8 +208,10 @@ def _dataset_lists(data_dirs: list[Path], val_count: int):
     for data_dir in data_dirs:
         spec = json.loads((data_dir / "dataset.json").read_text())
         items += [{k: str(data_dir / v) for k, v in item.items() if k in ("image", "label")} for item in spec["training"]]
-        validation += [case for case in ({k: str(data_dir / v) for k, v in item.items()}
-                                         for item in spec.get("validation", [])) if case not in validation]
+        for item in spec.get("validation", []):  # a folder given twice (more weight in training) validates once
+            case = {k: str(data_dir / v) for k, v in item.items()}
+            if case not in validation:
+                validation.append(case)
     if not validation:
         items, validation = items[val_count:], items[:val_count]
     return items, validation
