@@ -3,9 +3,10 @@
 # make package: build the MAP image (Docker with buildx and access to nvcr.io), or where Docker is absent
 #   write and check its build context in build/map (deploy/package.py).
 # make evaluate: the whole app's analysis (thorax box, network, cascade) on real CT and phantoms: validation
-#   (real-train, and real-train as other scanners image it: 6 and 9 mm slices, low dose, sharp kernel; 20 validation
-#   phantoms, 12 with every lesion kind up to 100 mm) then test (the test-only real cases, 30 held-out phantoms);
-#   per lesion found or not and the step that lost it, per false lesion its size and place (runs/eval_real/*/report.md).
+#   (real-train, and real-train as other scanners image it: 6 and 9 mm slices, low dose, sharp kernel, no contrast,
+#   a field of view ending in the liver dome; 20 validation phantoms, 12 with every lesion kind up to 100 mm) then
+#   test (the test-only real cases, 30 held-out phantoms); per lesion found or not and the step that lost it, per
+#   false lesion its size and place (runs/eval_real/*/report.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -51,7 +52,7 @@ evaluate: $(VENV)/.ready
 	$(PY) -m training.evaluate_real --set "real-train (validation)" $(REAL_TRAIN) --set "validation phantoms" data/val \
 		--set "validation phantoms, wide kinds" data/val_wide \
 		--set "ground glass in real lungs" data/rb_ggo40 \
-		$(foreach v,slices_6mm slices_9mm low_dose sharp_kernel non_contrast,--set "real-train, $(v)" data/scanner_variants/$(v)) \
+		$(foreach v,slices_6mm slices_9mm low_dose sharp_kernel non_contrast short_field,--set "real-train, $(v)" data/scanner_variants/$(v)) \
 		--out runs/eval_real/validation
 	$(PY) -m training.evaluate_real --set "real (test only)" $(REAL) --set "held-out phantoms" data/heldout \
 		--out runs/eval_real/test

@@ -9,7 +9,8 @@ from operators.thorax_crop import ThoraxCrop
 from tests.conftest import WindowedSoftTissue
 from training.evaluate_real import cached_probabilities, case_probability, load_case
 from training.nifti import read_nifti, write_nifti
-from training.scanner_variants import low_dose, non_contrast, sharp_kernel, thicker_slices, write_dataset_variants
+from training.scanner_variants import (low_dose, non_contrast, sharp_kernel, short_field, thicker_slices,
+                                      write_dataset_variants)
 from training.train import IGNORE
 
 
@@ -40,8 +41,8 @@ def test_a_training_set_keeps_its_ignore_regions_wherever_a_thick_slab_touches_o
     write_dataset_variants(tmp_path / "imagesTr", tmp_path / "labelsTr", tmp_path / "out", log=lambda *a, **k: None)
     truth, thick_spacing = read_nifti(tmp_path / "out" / "slices_9mm" / "labelsTr" / "case_s0.nii.gz")
     assert thick_spacing[0] == 9.0 and truth[2, 0, 0] == IGNORE and truth[1, 15, 15] == 2
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["low_dose", "non_contrast", "sharp_kernel", "slices_6mm",
-                                                                         "slices_9mm"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["low_dose", "non_contrast", "sharp_kernel",
+                                                                    "short_field", "slices_6mm", "slices_9mm"]
     assert (tmp_path / "out" / "low_dose" / "labelsTr" / "case_s0.json").is_file()
 
 
@@ -69,6 +70,23 @@ def test_non_contrast_brings_iodinated_blood_to_unenhanced_blood_and_leaves_bone
     assert np.allclose(image[:, 39:53, 39:53], 250.0) and np.allclose(image[:, 36, 36:56], 900.0)
     assert np.allclose(image[6, 12:18, 32:38], 45.0)  # the lesion's inside
     assert float(image[6, 15, 21]) < float(hu[6, 15, 21]) + 1e-3  # fat beside the vessel: its partial volume goes too
+
+
+def test_a_short_field_ends_where_the_lungs_narrow_towards_the_liver_dome_and_never_cuts_a_lesion():
+    hu = np.full((40, 96, 96), -1000.0, np.float32)
+    z, y, x = np.mgrid[:40, :96, :96]
+    hu[(y - 48) ** 2 + (x - 48) ** 2 < 44 ** 2] = 40.0  # the body; slices ascend from the abdomen
+    radius = np.clip((z - 10) * 1.5, 0, 15)  # the lung bases widen over slices 10-20
+    for centre in (28, 68):
+        hu[(y - 48) ** 2 + (x - centre) ** 2 < radius ** 2] = -850.0
+    labels = np.zeros(hu.shape, np.int16)
+    image, same_labels, spacing = short_field(hu, labels, (3.0, 2.0, 2.0))
+    assert spacing == (3.0, 2.0, 2.0) and same_labels.shape == image.shape
+    assert 17 <= hu.shape[0] - image.shape[0] <= 20  # lung radius 12.5 of 15: 0.7 of the largest area
+    assert np.array_equal(image, hu[hu.shape[0] - image.shape[0]:])
+    labels[14:17, 46:51, 24:29] = 1  # a lesion in the narrow base
+    image, kept_labels, _ = short_field(hu, labels, (3.0, 2.0, 2.0))
+    assert image.shape[0] == 40 - 14 and kept_labels.sum() == labels.sum()
 
 
 def test_a_variant_case_keeps_its_partial_truth(tmp_path):

@@ -14,7 +14,10 @@ on thick slices wherever a slab holds any IGNORE voxel. The variants:
 - `low_dose`: 50 HU more noise, slightly correlated in-plane like reconstructed CT noise;
 - `sharp_kernel`: a lung (edge-enhancing) kernel, the image plus 1.5 times its detail above a 1-voxel blur;
 - `non_contrast`: iodinated blood (vessels, heart chambers) back to unenhanced blood, as on a scan without contrast
-  (hilar vessels then look like soft tissue, as nodes and tumours do).
+  (hilar vessels then look like soft tissue, as nodes and tumours do);
+- `short_field`: a field of view that ends in the liver dome, as a scan planned tight on the lungs can: the slices
+  below the lowest one where the aerated lung covers SHORT_FIELD_LUNG_SHARE of its largest axial area are dropped,
+  so the dome's top lies on the last slice as an island of soft tissue in the lung (never a lesion's slices).
 Only real-train may be varied for validation; the test-only cases stay untouched.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from operators.thorax_crop import body_and_lung_masks
 from training.nifti import read_nifti, write_nifti
 from training.real_cases import real_case_arrays
 from training.train import IGNORE
@@ -38,6 +42,7 @@ ENHANCED_BLOOD_HU = (130.0, 500.0)  # iodinated blood and bone marrow; cortex li
 NEAR_CORTEX_MM = 3.0
 MARROW_NEAR_CORTEX_SHARE = 0.08  # bone regions: 0.15-0.65 of their voxels near cortex, vessels under 0.05 (real-train)
 UNENHANCED_BLOOD_HU = 40.0
+SHORT_FIELD_LUNG_SHARE = 0.7  # on real-train, the liver dome then shows as an island in the right lower lung
 
 
 def thicker_slices(hu: np.ndarray, labels: np.ndarray, spacing, slab: int):
@@ -83,12 +88,25 @@ def non_contrast(hu: np.ndarray, labels: np.ndarray, spacing):
     return hu - ndimage.gaussian_filter(excess, (0.5, 0.8, 0.8)), labels, spacing
 
 
+def short_field(hu: np.ndarray, labels: np.ndarray, spacing):
+    """The scan cut at the lung base (slices ascending, feet first): it starts at the lowest slice whose aerated lung
+    covers SHORT_FIELD_LUNG_SHARE of the largest axial lung area, or at the lowest lesion slice where that is lower."""
+    _, lungs = body_and_lung_masks(hu, spacing)
+    area = lungs.sum(axis=(1, 2))
+    cut = int(np.argmax(area >= SHORT_FIELD_LUNG_SHARE * area.max()))
+    lesion_slices = np.flatnonzero(((labels > 0) & (labels != IGNORE)).any(axis=(1, 2)))
+    if len(lesion_slices):
+        cut = min(cut, int(lesion_slices[0]))
+    return hu[cut:], labels[cut:], spacing
+
+
 VARIANTS = {
     "slices_6mm": lambda hu, labels, spacing: thicker_slices(hu, labels, spacing, 2),
     "slices_9mm": lambda hu, labels, spacing: thicker_slices(hu, labels, spacing, 3),
     "low_dose": low_dose,
     "sharp_kernel": sharp_kernel,
     "non_contrast": non_contrast,
+    "short_field": short_field,
 }
 
 
