@@ -17,7 +17,8 @@ on thick slices wherever a slab holds any IGNORE voxel. The variants:
   (hilar vessels then look like soft tissue, as nodes and tumours do);
 - `short_field`: a field of view that ends in the liver dome, as a scan planned tight on the lungs can: the slices
   below the lowest one where the aerated lung covers SHORT_FIELD_LUNG_SHARE of its largest axial area are dropped,
-  so the dome's top lies on the last slice as an island of soft tissue in the lung (never a lesion's slices).
+  so the dome's top lies on the last slice as an island of soft tissue in the lung (never a lesion's slices; the
+  NIfTI keeps the scan's origin, which nothing here reads).
 Only real-train may be varied for validation; the test-only cases stay untouched.
 """
 
