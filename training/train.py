@@ -207,9 +207,10 @@ def _dataset_lists(data_dirs: list[Path], val_count: int):
     items, validation = [], []
     for data_dir in data_dirs:
         spec = json.loads((data_dir / "dataset.json").read_text())
-        items += [{k: str(data_dir / v) for k, v in item.items() if k in ("image", "label")} for item in spec["training"]]
-        for item in spec.get("validation", []):  # a folder given twice (more weight in training) validates once
-            case = {k: str(data_dir / v) for k, v in item.items()}
+        training_cases, validation_cases = ([{k: str(data_dir / item[k]) for k in ("image", "label")}
+                                             for item in spec.get(part, [])] for part in ("training", "validation"))
+        items += training_cases
+        for case in validation_cases:  # a folder given twice (more weight in training) validates once
             if case not in validation:
                 validation.append(case)
     if not validation:
