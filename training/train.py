@@ -203,14 +203,18 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice.mean() + cross_entropy
 
 
+def _case_paths(data_dir: Path, item: dict) -> dict:
+    """A dataset.json entry's image and label, as paths under its folder."""
+    return {key: str(data_dir / item[key]) for key in ("image", "label")}
+
+
 def _dataset_lists(data_dirs: list[Path], val_count: int):
     items, validation = [], []
     for data_dir in data_dirs:
         spec = json.loads((data_dir / "dataset.json").read_text())
-        training_cases, validation_cases = ([{k: str(data_dir / item[k]) for k in ("image", "label")}
-                                             for item in spec.get(part, [])] for part in ("training", "validation"))
-        items += training_cases
-        for case in validation_cases:  # a folder given twice (more weight in training) validates once
+        items += [_case_paths(data_dir, item) for item in spec["training"]]
+        for item in spec.get("validation", []):  # a folder given twice (more weight in training) validates once
+            case = _case_paths(data_dir, item)
             if case not in validation:
                 validation.append(case)
     if not validation:
